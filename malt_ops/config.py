@@ -1,0 +1,204 @@
+"""Typed recipe: YAML files in recipes/ map one-to-one onto these classes.
+
+Every stage takes ``--recipe PATH`` plus repeatable ``--set dotted.key=value`` overrides;
+unknown keys and bad values fail with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from malt_ops.errors import MaltError
+
+ROLES = ("generator", "verifier", "refiner")
+Role = Literal["generator", "verifier", "refiner"]
+BENCHMARKS = ("gsm8k", "math", "csqa", "reasoning_gym")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(_Section):
+    state_dir: str = ".state"
+    """Local state: Airflow metadata, MLflow store, logs. Relative paths are from the working directory."""
+
+
+class StorageConfig(_Section):
+    root: str = ".state/store"
+    """Local directory (later also s3://bucket/prefix) under which runs/<run_id>/<stage>/ live."""
+
+
+class FieldMap(_Section):
+    """Column names in a file or hub source."""
+
+    id: str | None = "id"
+    question: str = "question"
+    answer: str = "answer"
+    choices: str | None = "choices"
+
+
+class DataConfig(_Section):
+    benchmark: Literal["gsm8k", "math", "csqa", "reasoning_gym"] = "gsm8k"
+    source: Literal["packaged", "file", "hub"] = "packaged"
+    task: str | None = None
+    """reasoning-gym task name (e.g. basic_arithmetic, gsm_symbolic)."""
+    task_config: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reasoning-gym task."""
+    train_path: str | None = None
+    test_path: str | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_train_split: str = "train"
+    hub_test_split: str = "test"
+    fields: FieldMap = Field(default_factory=FieldMap)
+    train_size: int | None = Field(default=None, gt=0)
+    """Keep at most this many training problems (seeded random subset); null keeps all."""
+    test_size: int | None = Field(default=None, gt=0)
+    test_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """Held-out share when a source has only one split (packaged GSM8K and CommonsenseQA)."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.benchmark == "reasoning_gym" and not self.task:
+            raise ValueError("data.task is required for benchmark reasoning_gym (e.g. basic_arithmetic)")
+        if self.source == "file" and not (self.train_path or self.test_path):
+            raise ValueError("data.source file needs data.train_path and/or data.test_path")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.source hub needs data.hub_name")
+        return self
+
+
+class ModelConfig(_Section):
+    source: Literal["packaged", "path"] = "packaged"
+    name: str = "smollm2-135m-instruct"
+    """Packaged model name (source: packaged)."""
+    path: str | None = None
+    """Hugging Face model directory or .gguf file (source: path)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class InferenceConfig(_Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(default=16, gt=0)
+    """Sequences generated together (prompts x samples) by the hf backend."""
+
+
+class RoleTokens(_Section):
+    generator: int = Field(default=256, gt=0)
+    verifier: int = Field(default=256, gt=0)
+    refiner: int = Field(default=256, gt=0)
+
+
+class RoleAdapters(_Section):
+    generator: str | None = None
+    verifier: str | None = None
+    refiner: str | None = None
+
+
+class SamplingConfig(_Section):
+    n: int = Field(default=3, gt=0)
+    m: int = Field(default=3, gt=0)
+    l: int = Field(default=3, gt=0)  # noqa: E741 - the paper's name for the refiner branching factor
+    temperature: float = Field(default=0.3, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
+    num_shards: int = Field(default=1, gt=0)
+    seed: int = 0
+    adapters: RoleAdapters = Field(default_factory=RoleAdapters)
+    """Adapter directories of the sampling policy per role; null = base model with role prompt."""
+
+
+class LabelingConfig(_Section):
+    pooling: Literal["global", "local"] = "global"
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    max_pairs_per_parent: int = Field(default=4, gt=0)
+
+
+class Recipe(_Section):
+    name: str = "recipe"
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value) or ".." in value:
+            raise ValueError("use letters, digits, '-', '_' or '.'")
+        return value
+
+    def digest(self) -> str:
+        """Stable hash of the effective recipe (for tags and cache keys)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise MaltError(f"--set '{text}': expected dotted.key=value, e.g. --set sampling.n=2")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise MaltError(f"--set '{text}': empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise MaltError(f"--set '{text}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}' (check spelling; see recipes/local.yaml for the keys)"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {where}: {first['msg']}{shown}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe YAML, apply ``--set`` overrides and validate; raises MaltError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaltError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise MaltError(f"recipe {path}{at}: not valid YAML") from exc
+    if not isinstance(data, dict):
+        raise MaltError(f"recipe {path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise MaltError(_describe(exc, f"recipe {path}")) from None

@@ -1,0 +1,129 @@
+"""sample: expand a G -> V -> R tree per training question (one shard of them).
+
+Each level is batched across all questions of the shard: every generator prompt, then
+every verifier prompt, then every refiner prompt. Leaves are graded against the gold answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from malt_ops.backends import InferenceBackend, SamplingParams, create_backend
+from malt_ops.config import ROLES, Recipe, SamplingConfig
+from malt_ops.errors import MaltError
+from malt_ops.grading import grade_many
+from malt_ops.prompts import generator_messages, refiner_messages, verifier_messages
+from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.storage import iter_jsonl
+
+STAGE = "sample"
+HELP = "Sample n generator x m verifier x l refiner trajectories per training question (one shard) into trees/shard-K.jsonl."
+
+
+def shard_of(problems: list[dict[str, Any]], shard: int, num_shards: int) -> list[dict[str, Any]]:
+    return [p for i, p in enumerate(problems) if i % num_shards == shard]
+
+
+def load_policy_adapters(backend: InferenceBackend, sampling: SamplingConfig) -> dict[str, str | None]:
+    """Load the sampling policy's role adapters; returns role -> adapter name (None = base model)."""
+    names: dict[str, str | None] = {}
+    for role in ROLES:
+        path = getattr(sampling.adapters, role)
+        if path is None:
+            names[role] = None
+            continue
+        name = f"{role}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+        if name not in getattr(backend, "adapters", {}):
+            backend.add_adapter(name, path)
+        names[role] = name
+    return names
+
+
+def _node(node_id: str, role: str, parent: str | None, completion, grade) -> dict[str, Any]:
+    return {"id": node_id, "role": role, "parent": parent, "text": completion.text,
+            "answer": grade.answer, "correct": grade.correct, "finished": completion.finished,
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+
+
+def expand_trees(problems: list[dict[str, Any]], backend: InferenceBackend, sampling: SamplingConfig,
+                 adapters: dict[str, str | None], seed: int) -> list[dict[str, Any]]:
+    """One tree per problem: n + n*m + n*m*l nodes, leaves carrying their reward."""
+    def params(role: str, n: int, level: int) -> SamplingParams:
+        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_new_tokens=getattr(sampling.max_new_tokens, role), seed=seed * 10 + level)
+
+    trees = [{"problem": p, "nodes": []} for p in problems]
+
+    def grow(role: str, level: int, n: int, parents: list[tuple[int, dict | None, dict | None]]):
+        """parents: (tree index, generator node, verifier node); returns the new nodes' keys."""
+        prompts = []
+        for tree_index, gen, ver in parents:
+            problem = problems[tree_index]
+            if role == "generator":
+                prompts.append(generator_messages(problem))
+            elif role == "verifier":
+                prompts.append(verifier_messages(problem, gen["text"]))
+            else:
+                prompts.append(refiner_messages(problem, gen["text"], ver["text"]))
+        outputs = backend.generate(prompts, params(role, n, level), adapter=adapters[role], desc=role)
+        flat = [(parent, k, c) for parent, completions in zip(parents, outputs, strict=True)
+                for k, c in enumerate(completions)]
+        grades = grade_many([problems[p[0]] for p, _, _ in flat], [c.text for _, _, c in flat])
+        created = []
+        for ((tree_index, gen, ver), k, completion), grade in zip(flat, grades, strict=True):
+            parent = ver if role == "refiner" else gen
+            prefix = {"generator": "g", "verifier": "v", "refiner": "r"}[role]
+            node_id = f"{parent['id']}.{prefix}{k}" if parent else f"{prefix}{k}"
+            node = _node(node_id, role, parent["id"] if parent else None, completion, grade)
+            if role == "refiner":
+                node["reward"] = 1.0 if grade.correct else 0.0
+            trees[tree_index]["nodes"].append(node)
+            created.append((tree_index, node))
+        return created
+
+    gens = grow("generator", 0, sampling.n, [(i, None, None) for i in range(len(problems))])
+    vers = grow("verifier", 1, sampling.m, [(i, g, None) for i, g in gens])
+    parent_gen = {g["id"]: g for _, g in gens}
+    grow("refiner", 2, sampling.l, [(i, parent_gen[v["parent"]], v) for i, v in vers])
+    return trees
+
+
+def run(recipe: Recipe, run_id: str, shard: int = 0, num_shards: int | None = None,
+        backend: InferenceBackend | None = None) -> dict[str, Any]:
+    num_shards = num_shards or recipe.sampling.num_shards
+    if not 0 <= shard < num_shards:
+        raise MaltError(f"--shard {shard} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    out = stage_output(recipe, run_id, STAGE, unit=f"shard-{shard}")
+    if (done := already_done(out)) is not None:
+        return done
+    prepared = stage_output(recipe, run_id, "prepare")
+    if not prepared.done():
+        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
+    problems = shard_of(list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards)
+    backend = backend or create_backend(recipe)
+    adapters = load_policy_adapters(backend, recipe.sampling)
+    before = (backend.usage.completion_tokens, backend.usage.seconds)
+    started = time.perf_counter()
+    trees = expand_trees(problems, backend, recipe.sampling, adapters,
+                         seed=recipe.sampling.seed * 1000 + shard) if problems else []
+    leaves = [n for t in trees for n in t["nodes"] if n["role"] == "refiner"]
+    tokens = backend.usage.completion_tokens - before[0]
+    seconds = backend.usage.seconds - before[1]
+    summary = {
+        "shard": shard, "num_shards": num_shards, "questions": len(trees),
+        "nodes": sum(len(t["nodes"]) for t in trees),
+        "leaf_accuracy": sum(n["reward"] for n in leaves) / len(leaves) if leaves else 0.0,
+        "generated_tokens": tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "unfinished_outputs": sum(not n["finished"] for t in trees for n in t["nodes"]),
+        "empty_outputs": sum(not n["text"] for t in trees for n in t["nodes"]),
+        "wall_seconds": time.perf_counter() - started,
+        "policy": {role: getattr(recipe.sampling.adapters, role) for role in ROLES},
+    }
+    out.write_jsonl(f"trees/shard-{shard}.jsonl", trees)
+    out.commit(summary)
+    log.info("sample shard %d/%d: %d questions, %d nodes, leaf accuracy %.3f, %d tokens at %.1f tok/s",
+             shard, num_shards, summary["questions"], summary["nodes"], summary["leaf_accuracy"],
+             tokens, summary["tokens_per_second"])
+    return summary

@@ -1,0 +1,234 @@
+"""The store: where every stage reads its inputs and writes its outputs.
+
+Layout: ``<root>/runs/<run_id>/<stage>/...``. A unit of work (a whole stage, or one shard
+or role of a mapped stage) is done when its manifest exists; the manifest is written
+last and lists every file with its size and sha256. Files are written to a temporary
+name and renamed into place, so no reader ever sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from malt_ops.errors import MaltError
+
+
+class Store(ABC):
+    """Byte-level access to a storage root. Keys are '/'-separated paths below the root."""
+
+    root: str
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: readers see the old object, or none, or the whole new one."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys below ``prefix`` (recursively), sorted."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def uri(self, key: str) -> str: ...
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_text(key))
+
+    def write_json(self, key: str, value: Any) -> None:
+        self.write_text(key, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+    def put_dir(self, key: str, local_dir: Path) -> list[str]:
+        written = []
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            self.write_bytes(f"{key}/{rel}", path.read_bytes())
+            written.append(f"{key}/{rel}")
+        return written
+
+    def get_dir(self, key: str, local_dir: Path) -> Path:
+        local_dir = Path(local_dir)
+        for name in self.list(key):
+            target = local_dir / name[len(key) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(name))
+        return local_dir
+
+
+class LocalStore(Store):
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._base = Path(os.path.expanduser(root)).resolve()
+        try:
+            self._base.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MaltError(f"storage.root '{root}' cannot be created: {exc.strerror}") from exc
+
+    def _path(self, key: str) -> Path:
+        path = (self._base / key).resolve()
+        if self._base not in path.parents and path != self._base:
+            raise MaltError(f"store key '{key}' escapes storage.root")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise MaltError(f"{self.uri(key)} does not exist: run the stage that writes it first") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self._base).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".partial")
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def uri(self, key: str) -> str:
+        return str(self._base / key)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+
+def open_store(root: str) -> Store:
+    if root.startswith("s3://"):
+        raise MaltError("storage.root s3:// is not supported yet: use a local directory")
+    return LocalStore(root)
+
+
+def run_prefix(run_id: str, stage: str) -> str:
+    return f"runs/{run_id}/{stage}"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not run_id or ".." in run_id or not all(c.isalnum() or c in "-_.:+" for c in run_id):
+        raise MaltError(f"run id '{run_id}': use letters, digits and - _ . : + only")
+    return run_id
+
+
+def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def iter_jsonl(store: Store, key: str) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(store.read_text(key).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MaltError(f"{store.uri(key)} line {number}: not valid JSON ({exc.msg})") from None
+
+
+class StageOutput:
+    """Writes one unit of a stage (the whole stage, or one shard/role) and commits it.
+
+    ``unit`` names the manifest: ``<stage>/MANIFEST.json`` for a whole stage, or
+    ``<stage>/MANIFEST-<unit>.json`` for one part of a mapped stage.
+    """
+
+    def __init__(self, store: Store, run_id: str, stage: str, unit: str | None = None) -> None:
+        self.store = store
+        self.prefix = run_prefix(validate_run_id(run_id), stage)
+        self.unit = unit
+        self.files: dict[str, dict[str, Any]] = {}
+        self._started = time.time()
+
+    @property
+    def manifest_key(self) -> str:
+        name = "MANIFEST.json" if self.unit is None else f"MANIFEST-{self.unit}.json"
+        return f"{self.prefix}/{name}"
+
+    def done(self) -> bool:
+        return self.store.exists(self.manifest_key)
+
+    def manifest(self) -> dict[str, Any]:
+        return self.store.read_json(self.manifest_key)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        key = self.key(name)
+        self.store.write_bytes(key, data)
+        self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return key
+
+    def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> str:
+        return self.write_bytes(name, dumps_jsonl(rows))
+
+    def write_json(self, name: str, value: Any) -> str:
+        text = json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n"
+        return self.write_bytes(name, text.encode())
+
+    def put_dir(self, name: str, local_dir: Path) -> None:
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            self.write_bytes(f"{name}/{path.relative_to(local_dir).as_posix()}", path.read_bytes())
+
+    def commit(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        manifest = {
+            "stage": self.prefix.rsplit("/", 1)[-1],
+            "unit": self.unit,
+            "files": self.files,
+            "summary": summary or {},
+            "started_at": self._started,
+            "finished_at": time.time(),
+        }
+        self.store.write_json(self.manifest_key, manifest)
+        return manifest
