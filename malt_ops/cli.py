@@ -19,11 +19,22 @@ DEFAULT_RECIPE = "recipes/local.yaml"
 
 
 def _common(parser: argparse.ArgumentParser, run_id_required: bool = True) -> None:
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})")
-    parser.add_argument("--run-id", required=run_id_required,
-                        help="pipeline run id; outputs go to <storage.root>/runs/<run-id>/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set sampling.n=2 (repeatable)")
+    parser.add_argument(
+        "--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})"
+    )
+    parser.add_argument(
+        "--run-id",
+        required=run_id_required,
+        help="pipeline run id; outputs go to <storage.root>/runs/<run-id>/",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set sampling.n=2 (repeatable)",
+    )
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -51,8 +62,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="malt-ops", description=(
-        "MALT multi-agent post-training pipeline: prepare -> sample -> label (-> train -> evaluate)."))
+    parser = argparse.ArgumentParser(
+        prog="malt-ops",
+        description=(
+            "MALT multi-agent post-training pipeline: prepare -> sample -> label (-> train -> evaluate)."
+        ),
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -64,18 +79,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("prepare", prepare.HELP, cmd_prepare)
     sub = add("sample", sample.HELP, cmd_sample)
-    sub.add_argument("--shard", type=int, default=0, help="which shard of the training questions (default 0)")
-    sub.add_argument("--num-shards", type=int, default=None, help="number of shards (default sampling.num_shards)")
+    sub.add_argument(
+        "--shard", type=int, default=0, help="which shard of the training questions (default 0)"
+    )
+    sub.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of shards (default sampling.num_shards)",
+    )
     add("label", label.HELP, cmd_label)
-    add("run", "Run the pipeline stages in order for one run id; finished stages are skipped on rerun.",
-        cmd_run, run_id_required=False)
+    add(
+        "run",
+        "Run the pipeline stages in order for one run id; finished stages are skipped on rerun.",
+        cmd_run,
+        run_id_required=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"malt-ops {args.command}: interrupted; rerun with the same --run-id to resume", file=sys.stderr)
+        print(
+            f"malt-ops {args.command}: interrupted; rerun with the same --run-id to resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

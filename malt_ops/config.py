@@ -68,7 +68,9 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
         if self.benchmark == "reasoning_gym" and not self.task:
-            raise ValueError("data.task is required for benchmark reasoning_gym (e.g. basic_arithmetic)")
+            raise ValueError(
+                "data.task is required for benchmark reasoning_gym (e.g. basic_arithmetic)"
+            )
         if self.source == "file" and not (self.train_path or self.test_path):
             raise ValueError("data.source file needs data.train_path and/or data.test_path")
         if self.source == "hub" and not self.hub_name:
@@ -178,7 +180,9 @@ def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{where}' (check spelling; see recipes/local.yaml for the keys)"
+        return (
+            f"{source}: unknown key '{where}' (check spelling; see recipes/local.yaml for the keys)"
+        )
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{source}: {where}: {first['msg']}{shown}"

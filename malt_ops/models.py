@@ -40,20 +40,28 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     """Return a local Hugging Face model directory for the configured base model."""
     if cfg.source == "packaged":
         if cfg.name not in PACKAGED_MODELS:
-            raise MaltError(f"model.name '{cfg.name}' is not a packaged model; "
-                            f"choose one of {sorted(PACKAGED_MODELS)} or set model.source: path")
+            raise MaltError(
+                f"model.name '{cfg.name}' is not a packaged model; "
+                f"choose one of {sorted(PACKAGED_MODELS)} or set model.source: path"
+            )
         asset, member = PACKAGED_MODELS[cfg.name]
         return convert_gguf(asset_path(asset, member))
     path = Path(os.path.expanduser(cfg.path or ""))
     if not cfg.path or not path.exists():
-        raise MaltError(f"model.path '{cfg.path}' does not exist: point it at a Hugging Face "
-                        "model directory or a .gguf file")
+        raise MaltError(
+            f"model.path '{cfg.path}' does not exist: point it at a Hugging Face "
+            "model directory or a .gguf file"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise MaltError(f"model.path '{path}' is a file but not a .gguf: give a model directory or a GGUF file")
+            raise MaltError(
+                f"model.path '{path}' is a file but not a .gguf: give a model directory or a GGUF file"
+            )
         return convert_gguf(path)
     if not (path / "config.json").exists():
-        raise MaltError(f"model.path '{path}' has no config.json: not a Hugging Face model directory")
+        raise MaltError(
+            f"model.path '{path}' has no config.json: not a Hugging Face model directory"
+        )
     return path
 
 
@@ -69,7 +77,9 @@ def convert_gguf(gguf_file: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as exc:  # transformers raises many types for a bad file
-        raise MaltError(f"could not read GGUF file {gguf_file}: {str(exc).splitlines()[0]}") from exc
+        raise MaltError(
+            f"could not read GGUF file {gguf_file}: {str(exc).splitlines()[0]}"
+        ) from exc
     # transformers refuses to save a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -23,7 +23,9 @@ def run_pipeline(recipe: Recipe, run_id: str) -> dict[str, Any]:
     results["sample"] = shards
     results["label"] = label.run(recipe, run_id)
     store = open_store(recipe.storage.root)
-    log.info("run %s finished; outputs in %s", run_id, store.uri(run_prefix(run_id, "")).rstrip("/"))
+    log.info(
+        "run %s finished; outputs in %s", run_id, store.uri(run_prefix(run_id, "")).rstrip("/")
+    )
     return results
 
 

@@ -46,8 +46,10 @@ def format_question(problem: dict[str, Any]) -> str:
 
 
 def _system(template: str, problem: dict[str, Any]) -> dict[str, str]:
-    return {"role": "system",
-            "content": template.format(marker=FINAL_MARKER, fmt=_FORMATS[family(problem["benchmark"])])}
+    return {
+        "role": "system",
+        "content": template.format(marker=FINAL_MARKER, fmt=_FORMATS[family(problem["benchmark"])]),
+    }
 
 
 def _reminder(problem: dict[str, Any]) -> str:
@@ -55,20 +57,32 @@ def _reminder(problem: dict[str, Any]) -> str:
 
 
 def generator_messages(problem: dict[str, Any]) -> Messages:
-    return [_system(_GENERATOR, problem),
-            {"role": "user", "content": f"Problem:\n{format_question(problem)}{_reminder(problem)}"}]
+    return [
+        _system(_GENERATOR, problem),
+        {"role": "user", "content": f"Problem:\n{format_question(problem)}{_reminder(problem)}"},
+    ]
 
 
 def verifier_messages(problem: dict[str, Any], answer: str) -> Messages:
-    return [_system(_VERIFIER, problem),
-            {"role": "user", "content": f"Problem:\n{format_question(problem)}\n\n"
-                                        f"Solution to check:\n{answer}{_reminder(problem)}"}]
+    return [
+        _system(_VERIFIER, problem),
+        {
+            "role": "user",
+            "content": f"Problem:\n{format_question(problem)}\n\n"
+            f"Solution to check:\n{answer}{_reminder(problem)}",
+        },
+    ]
 
 
 def refiner_messages(problem: dict[str, Any], answer: str, critique: str) -> Messages:
-    return [_system(_REFINER, problem),
-            {"role": "user", "content": f"Problem:\n{format_question(problem)}\n\n"
-                                        f"First attempt:\n{answer}\n\nCritique:\n{critique}{_reminder(problem)}"}]
+    return [
+        _system(_REFINER, problem),
+        {
+            "role": "user",
+            "content": f"Problem:\n{format_question(problem)}\n\n"
+            f"First attempt:\n{answer}\n\nCritique:\n{critique}{_reminder(problem)}",
+        },
+    ]
 
 
 def verdict(text: str | None) -> str | None:

@@ -95,7 +95,9 @@ class LocalStore(Store):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise MaltError(f"{self.uri(key)} does not exist: run the stage that writes it first") from None
+            raise MaltError(
+                f"{self.uri(key)} does not exist: run the stage that writes it first"
+            ) from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -155,7 +157,9 @@ def validate_run_id(run_id: str) -> str:
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows).encode()
+    return "".join(
+        json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows
+    ).encode()
 
 
 def _json_default(value: Any) -> Any:

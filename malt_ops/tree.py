@@ -29,8 +29,9 @@ def children_of(nodes: list[dict[str, Any]]) -> dict[str | None, list[dict[str, 
     return children
 
 
-def assign_values(nodes: list[dict[str, Any]], pooling: Pooling = "global",
-                  threshold: float = 0.5) -> dict[str, NodeLabel]:
+def assign_values(
+    nodes: list[dict[str, Any]], pooling: Pooling = "global", threshold: float = 0.5
+) -> dict[str, NodeLabel]:
     """Value and label of every node.
 
     global: V(leaf) = reward, V(node) = mean of its children's values (for a full tree,
@@ -59,8 +60,13 @@ def assign_values(nodes: list[dict[str, Any]], pooling: Pooling = "global",
     return labels
 
 
-def sibling_pairs(nodes: list[dict[str, Any]], labels: dict[str, NodeLabel], role: str,
-                  max_per_parent: int, usable: set[str] | None = None) -> list[tuple[dict, dict]]:
+def sibling_pairs(
+    nodes: list[dict[str, Any]],
+    labels: dict[str, NodeLabel],
+    role: str,
+    max_per_parent: int,
+    usable: set[str] | None = None,
+) -> list[tuple[dict, dict]]:
     """(positive, negative) pairs of ``role`` nodes under the same parent.
 
     ``usable`` limits which nodes may be the chosen side (e.g. finished, non-empty outputs).
@@ -72,10 +78,14 @@ def sibling_pairs(nodes: list[dict[str, Any]], labels: dict[str, NodeLabel], rol
             groups[node["parent"]].append(node)
     pairs = []
     for siblings in groups.values():
-        positives = [n for n in siblings if labels[n["id"]].positive
-                     and (usable is None or n["id"] in usable)]
+        positives = [
+            n
+            for n in siblings
+            if labels[n["id"]].positive and (usable is None or n["id"] in usable)
+        ]
         negatives = [n for n in siblings if not labels[n["id"]].positive]
-        combos = sorted(product(range(len(positives)), range(len(negatives))),
-                        key=lambda ij: (ij[1], ij[0]))
+        combos = sorted(
+            product(range(len(positives)), range(len(negatives))), key=lambda ij: (ij[1], ij[0])
+        )
         pairs.extend((positives[i], negatives[j]) for i, j in combos[:max_per_parent])
     return pairs

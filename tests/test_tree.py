@@ -13,7 +13,9 @@ def build(rewards: list[list[list[int]]]) -> list[dict]:
             vid = f"{gid}.v{vi}"
             nodes.append({"id": vid, "role": "verifier", "parent": gid})
             for ri, reward in enumerate(refiners):
-                nodes.append({"id": f"{vid}.r{ri}", "role": "refiner", "parent": vid, "reward": reward})
+                nodes.append(
+                    {"id": f"{vid}.r{ri}", "role": "refiner", "parent": vid, "reward": reward}
+                )
     return nodes
 
 

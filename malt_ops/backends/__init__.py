@@ -17,5 +17,7 @@ def create_backend(recipe: Recipe) -> InferenceBackend:
     if recipe.inference.backend == "hf":
         from malt_ops.backends.hf import HFBackend
 
-        return HFBackend(model_dir, dtype=recipe.model.dtype, batch_size=recipe.inference.batch_size)
+        return HFBackend(
+            model_dir, dtype=recipe.model.dtype, batch_size=recipe.inference.batch_size
+        )
     raise MaltError(f"inference.backend '{recipe.inference.backend}' is not available yet: use hf")

@@ -50,8 +50,13 @@ class InferenceBackend(ABC):
         """Load a PEFT adapter directory under ``name`` (each name once per backend)."""
 
     @abstractmethod
-    def generate(self, prompts: list[Messages], params: SamplingParams,
-                 adapter: str | None = None, desc: str = "generate") -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[Messages],
+        params: SamplingParams,
+        adapter: str | None = None,
+        desc: str = "generate",
+    ) -> list[list[Completion]]:
         """``params.n`` completions for each chat prompt; ``adapter`` None = the base model."""
 
     @property

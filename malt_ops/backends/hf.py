@@ -25,7 +25,9 @@ class HFBackend(InferenceBackend):
         self.adapters: dict[str, str] = {}
         self.usage = Usage()
         eos = self.model.generation_config.eos_token_id
-        self._stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self._tokenizer.eos_token_id}
+        self._stop_ids = set(eos if isinstance(eos, list) else [eos]) | {
+            self._tokenizer.eos_token_id
+        }
         self._stop_ids.discard(None)
 
     @property
@@ -36,9 +38,13 @@ class HFBackend(InferenceBackend):
         from peft import PeftModel
 
         if name in self.adapters:
-            raise MaltError(f"adapter name '{name}' is already loaded; give each adapter version its own name")
+            raise MaltError(
+                f"adapter name '{name}' is already loaded; give each adapter version its own name"
+            )
         if not (Path(path) / "adapter_config.json").exists():
-            raise MaltError(f"adapter {path} has no adapter_config.json: not a PEFT adapter directory")
+            raise MaltError(
+                f"adapter {path} has no adapter_config.json: not a PEFT adapter directory"
+            )
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name)
@@ -60,8 +66,13 @@ class HFBackend(InferenceBackend):
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Messages], params: SamplingParams,
-                 adapter: str | None = None, desc: str = "generate") -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[Messages],
+        params: SamplingParams,
+        adapter: str | None = None,
+        desc: str = "generate",
+    ) -> list[list[Completion]]:
         texts = [render(self._tokenizer, messages) for messages in prompts]
         encoded = [self._tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         # Longest first, so each batch pads little and memory peaks early.
@@ -73,8 +84,11 @@ class HFBackend(InferenceBackend):
         with self._adapter_context(adapter):
             for batch_index, start in enumerate(range(0, len(order), per_batch)):
                 chunk = order[start : start + per_batch]
-                batch = self._tokenizer.pad({"input_ids": [encoded[i] for i in chunk]},
-                                            return_tensors="pt", padding_side="left")
+                batch = self._tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in chunk]},
+                    return_tensors="pt",
+                    padding_side="left",
+                )
                 torch.manual_seed(params.seed * 100_003 + batch_index)
                 sampling = params.temperature > 0
                 output = self.model.generate(
@@ -101,7 +115,9 @@ class HFBackend(InferenceBackend):
                 self.usage.prompt_tokens += completion.prompt_tokens
                 self.usage.completion_tokens += completion.completion_tokens
                 key = adapter or "base"
-                self.usage.by_adapter[key] = self.usage.by_adapter.get(key, 0) + completion.completion_tokens
+                self.usage.by_adapter[key] = (
+                    self.usage.by_adapter.get(key, 0) + completion.completion_tokens
+                )
         return results
 
     def _completion(self, tokens: list[int], prompt_tokens: int) -> Completion:
@@ -111,5 +127,9 @@ class HFBackend(InferenceBackend):
                 tokens, finished = tokens[:position], True
                 break
         text = self._tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return Completion(text=text, prompt_tokens=prompt_tokens,
-                          completion_tokens=len(tokens) + int(finished), finished=finished)
+        return Completion(
+            text=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(tokens) + int(finished),
+            finished=finished,
+        )

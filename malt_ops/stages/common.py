@@ -17,7 +17,11 @@ def stage_output(recipe: Recipe, run_id: str, stage: str, unit: str | None = Non
 def already_done(out: StageOutput) -> dict | None:
     """The committed manifest's summary if this unit finished before (a rerun skips it)."""
     if out.done():
-        log.info("%s: already done (%s), skipping", out.unit or out.prefix, out.store.uri(out.manifest_key))
+        log.info(
+            "%s: already done (%s), skipping",
+            out.unit or out.prefix,
+            out.store.uri(out.manifest_key),
+        )
         summary = out.manifest().get("summary", {})
         return {**summary, "skipped": True}
     return None

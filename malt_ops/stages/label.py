@@ -13,7 +13,9 @@ from malt_ops.storage import iter_jsonl
 from malt_ops.tree import assign_values, sibling_pairs
 
 STAGE = "label"
-HELP = "Propagate leaf rewards up each tree (value iteration) and write per-role SFT and DPO datasets."
+HELP = (
+    "Propagate leaf rewards up each tree (value iteration) and write per-role SFT and DPO datasets."
+)
 
 
 def role_prompt(problem: dict[str, Any], node: dict[str, Any], by_id: dict[str, dict]) -> Messages:
@@ -35,7 +37,11 @@ def _check_tree(tree: Any) -> str | None:
         return "tree without nodes"
     ids = set()
     for node in nodes:
-        if not isinstance(node, dict) or node.get("role") not in ROLES or not isinstance(node.get("id"), str):
+        if (
+            not isinstance(node, dict)
+            or node.get("role") not in ROLES
+            or not isinstance(node.get("id"), str)
+        ):
             return "node without id or with an unknown role"
         if node.get("parent") is not None and node["parent"] not in ids:
             return "node whose parent is missing"
@@ -43,7 +49,9 @@ def _check_tree(tree: Any) -> str | None:
     return None
 
 
-def label_trees(trees: list[dict[str, Any]], cfg: LabelingConfig) -> tuple[dict[str, list], dict[str, Any]]:
+def label_trees(
+    trees: list[dict[str, Any]], cfg: LabelingConfig
+) -> tuple[dict[str, list], dict[str, Any]]:
     """Datasets ``{role}_sft`` / ``{role}_dpo`` and the label statistics."""
     datasets: dict[str, list] = {f"{role}_{kind}": [] for role in ROLES for kind in ("sft", "dpo")}
     per_role = {role: Counter() for role in ROLES}
@@ -57,7 +65,9 @@ def label_trees(trees: list[dict[str, Any]], cfg: LabelingConfig) -> tuple[dict[
         by_id = {n["id"]: n for n in nodes}
         labels = assign_values(nodes, cfg.pooling, cfg.threshold)
         # A truncated or empty output is never taught as good, though it may be the rejected side.
-        usable = {n["id"] for n in nodes if n.get("finished", True) and (n.get("text") or "").strip()}
+        usable = {
+            n["id"] for n in nodes if n.get("finished", True) and (n.get("text") or "").strip()
+        }
         if not any(label.positive for label in labels.values()):
             no_positive += 1
         for node in nodes:
@@ -69,28 +79,45 @@ def label_trees(trees: list[dict[str, Any]], cfg: LabelingConfig) -> tuple[dict[
                 stats["positives_unusable"] += 1
                 continue
             if label.positive:
-                datasets[f"{node['role']}_sft"].append({
-                    "messages": [*role_prompt(problem, node, by_id),
-                                 {"role": "assistant", "content": node["text"]}],
-                    "question_id": problem["id"], "node_id": node["id"], "value": label.value,
-                })
+                datasets[f"{node['role']}_sft"].append(
+                    {
+                        "messages": [
+                            *role_prompt(problem, node, by_id),
+                            {"role": "assistant", "content": node["text"]},
+                        ],
+                        "question_id": problem["id"],
+                        "node_id": node["id"],
+                        "value": label.value,
+                    }
+                )
         for role in ROLES:
-            for chosen, rejected in sibling_pairs(nodes, labels, role, cfg.max_pairs_per_parent, usable):
-                datasets[f"{role}_dpo"].append({
-                    "prompt": role_prompt(problem, chosen, by_id),
-                    "chosen": [{"role": "assistant", "content": chosen["text"]}],
-                    "rejected": [{"role": "assistant", "content": rejected["text"] or ""}],
-                    "question_id": problem["id"], "chosen_id": chosen["id"], "rejected_id": rejected["id"],
-                })
+            for chosen, rejected in sibling_pairs(
+                nodes, labels, role, cfg.max_pairs_per_parent, usable
+            ):
+                datasets[f"{role}_dpo"].append(
+                    {
+                        "prompt": role_prompt(problem, chosen, by_id),
+                        "chosen": [{"role": "assistant", "content": chosen["text"]}],
+                        "rejected": [{"role": "assistant", "content": rejected["text"] or ""}],
+                        "question_id": problem["id"],
+                        "chosen_id": chosen["id"],
+                        "rejected_id": rejected["id"],
+                    }
+                )
                 per_role[role]["pairs"] += 1
     stats = {
-        "pooling": cfg.pooling, "threshold": cfg.threshold,
+        "pooling": cfg.pooling,
+        "threshold": cfg.threshold,
         "questions": len(trees) - sum(skipped.values()),
         "questions_without_positive": no_positive,
         "skipped": dict(skipped),
-        "roles": {role: {k: per_role[role].get(k, 0) for k in
-                         ("nodes", "positives", "negatives", "pairs", "positives_unusable")}
-                  for role in ROLES},
+        "roles": {
+            role: {
+                k: per_role[role].get(k, 0)
+                for k in ("nodes", "positives", "negatives", "pairs", "positives_unusable")
+            }
+            for role in ROLES
+        },
     }
     return datasets, stats
 
@@ -104,17 +131,29 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     for shard in range(num_shards):
         sampled = stage_output(recipe, run_id, "sample", unit=f"shard-{shard}")
         if not sampled.done():
-            raise MaltError(f"sample shard {shard} of {num_shards} has not finished for run '{run_id}': "
-                            f"run `malt-ops sample --shard {shard} --num-shards {num_shards}` first")
+            raise MaltError(
+                f"sample shard {shard} of {num_shards} has not finished for run '{run_id}': "
+                f"run `malt-ops sample --shard {shard} --num-shards {num_shards}` first"
+            )
         trees.extend(iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl")))
     datasets, stats = label_trees(trees, recipe.labeling)
     for name, rows in datasets.items():
         out.write_jsonl(f"datasets/{name}.jsonl", rows)
     out.write_json("stats.json", stats)
     out.commit(stats)
-    rows = [f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"
-            for role, s in stats["roles"].items()]
-    log.info("label: %d questions (%d without any positive)\n%-10s %6s %6s %6s %6s\n%s",
-             stats["questions"], stats["questions_without_positive"], "role", "nodes", "pos", "neg",
-             "pairs", "\n".join(rows))
+    rows = [
+        f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"
+        for role, s in stats["roles"].items()
+    ]
+    log.info(
+        "label: %d questions (%d without any positive)\n%-10s %6s %6s %6s %6s\n%s",
+        stats["questions"],
+        stats["questions_without_positive"],
+        "role",
+        "nodes",
+        "pos",
+        "neg",
+        "pairs",
+        "\n".join(rows),
+    )
     return stats

@@ -19,17 +19,27 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         return done
     splits = load_splits(recipe.data)
     if not splits.train:
-        raise MaltError(f"no usable training problems for {recipe.data.benchmark} "
-                        f"(skipped: {dict(splits.skipped) or 'none'}): check data.* in the recipe")
+        raise MaltError(
+            f"no usable training problems for {recipe.data.benchmark} "
+            f"(skipped: {dict(splits.skipped) or 'none'}): check data.* in the recipe"
+        )
     out.write_jsonl("problems/train.jsonl", splits.train)
     out.write_jsonl("problems/test.jsonl", splits.test)
-    summary = {"train": len(splits.train), "test": len(splits.test),
-               "skipped": dict(splits.skipped), "notes": splits.notes,
-               "benchmark": recipe.data.benchmark}
+    summary = {
+        "train": len(splits.train),
+        "test": len(splits.test),
+        "skipped": dict(splits.skipped),
+        "notes": splits.notes,
+        "benchmark": recipe.data.benchmark,
+    }
     out.write_json("stats.json", summary)
     out.commit(summary)
     for note in splits.notes:
         log.info("prepare: %s", note)
-    log.info("prepare: %d train, %d test problems; skipped %s", len(splits.train), len(splits.test),
-             dict(splits.skipped) or "none")
+    log.info(
+        "prepare: %d train, %d test problems; skipped %s",
+        len(splits.train),
+        len(splits.test),
+        dict(splits.skipped) or "none",
+    )
     return summary

@@ -26,7 +26,9 @@ def shard_of(problems: list[dict[str, Any]], shard: int, num_shards: int) -> lis
     return [p for i, p in enumerate(problems) if i % num_shards == shard]
 
 
-def load_policy_adapters(backend: InferenceBackend, sampling: SamplingConfig) -> dict[str, str | None]:
+def load_policy_adapters(
+    backend: InferenceBackend, sampling: SamplingConfig
+) -> dict[str, str | None]:
     """Load the sampling policy's role adapters; returns role -> adapter name (None = base model)."""
     names: dict[str, str | None] = {}
     for role in ROLES:
@@ -42,17 +44,36 @@ def load_policy_adapters(backend: InferenceBackend, sampling: SamplingConfig) ->
 
 
 def _node(node_id: str, role: str, parent: str | None, completion, grade) -> dict[str, Any]:
-    return {"id": node_id, "role": role, "parent": parent, "text": completion.text,
-            "answer": grade.answer, "correct": grade.correct, "finished": completion.finished,
-            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+    return {
+        "id": node_id,
+        "role": role,
+        "parent": parent,
+        "text": completion.text,
+        "answer": grade.answer,
+        "correct": grade.correct,
+        "finished": completion.finished,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+    }
 
 
-def expand_trees(problems: list[dict[str, Any]], backend: InferenceBackend, sampling: SamplingConfig,
-                 adapters: dict[str, str | None], seed: int) -> list[dict[str, Any]]:
+def expand_trees(
+    problems: list[dict[str, Any]],
+    backend: InferenceBackend,
+    sampling: SamplingConfig,
+    adapters: dict[str, str | None],
+    seed: int,
+) -> list[dict[str, Any]]:
     """One tree per problem: n + n*m + n*m*l nodes, leaves carrying their reward."""
+
     def params(role: str, n: int, level: int) -> SamplingParams:
-        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                              max_new_tokens=getattr(sampling.max_new_tokens, role), seed=seed * 10 + level)
+        return SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=getattr(sampling.max_new_tokens, role),
+            seed=seed * 10 + level,
+        )
 
     trees = [{"problem": p, "nodes": []} for p in problems]
 
@@ -67,9 +88,14 @@ def expand_trees(problems: list[dict[str, Any]], backend: InferenceBackend, samp
                 prompts.append(verifier_messages(problem, gen["text"]))
             else:
                 prompts.append(refiner_messages(problem, gen["text"], ver["text"]))
-        outputs = backend.generate(prompts, params(role, n, level), adapter=adapters[role], desc=role)
-        flat = [(parent, k, c) for parent, completions in zip(parents, outputs, strict=True)
-                for k, c in enumerate(completions)]
+        outputs = backend.generate(
+            prompts, params(role, n, level), adapter=adapters[role], desc=role
+        )
+        flat = [
+            (parent, k, c)
+            for parent, completions in zip(parents, outputs, strict=True)
+            for k, c in enumerate(completions)
+        ]
         grades = grade_many([problems[p[0]] for p, _, _ in flat], [c.text for _, _, c in flat])
         created = []
         for ((tree_index, gen, ver), k, completion), grade in zip(flat, grades, strict=True):
@@ -90,32 +116,51 @@ def expand_trees(problems: list[dict[str, Any]], backend: InferenceBackend, samp
     return trees
 
 
-def run(recipe: Recipe, run_id: str, shard: int = 0, num_shards: int | None = None,
-        backend: InferenceBackend | None = None) -> dict[str, Any]:
+def run(
+    recipe: Recipe,
+    run_id: str,
+    shard: int = 0,
+    num_shards: int | None = None,
+    backend: InferenceBackend | None = None,
+) -> dict[str, Any]:
     num_shards = num_shards or recipe.sampling.num_shards
     if not 0 <= shard < num_shards:
-        raise MaltError(f"--shard {shard} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+        raise MaltError(
+            f"--shard {shard} is outside 0..{num_shards - 1} (--num-shards {num_shards})"
+        )
     out = stage_output(recipe, run_id, STAGE, unit=f"shard-{shard}")
     if (done := already_done(out)) is not None:
         return done
     prepared = stage_output(recipe, run_id, "prepare")
     if not prepared.done():
-        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
-    problems = shard_of(list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards)
+        raise MaltError(
+            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
+        )
+    problems = shard_of(
+        list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
+    )
     backend = backend or create_backend(recipe)
     adapters = load_policy_adapters(backend, recipe.sampling)
     before = (backend.usage.completion_tokens, backend.usage.seconds)
     started = time.perf_counter()
-    trees = expand_trees(problems, backend, recipe.sampling, adapters,
-                         seed=recipe.sampling.seed * 1000 + shard) if problems else []
+    trees = (
+        expand_trees(
+            problems, backend, recipe.sampling, adapters, seed=recipe.sampling.seed * 1000 + shard
+        )
+        if problems
+        else []
+    )
     leaves = [n for t in trees for n in t["nodes"] if n["role"] == "refiner"]
     tokens = backend.usage.completion_tokens - before[0]
     seconds = backend.usage.seconds - before[1]
     summary = {
-        "shard": shard, "num_shards": num_shards, "questions": len(trees),
+        "shard": shard,
+        "num_shards": num_shards,
+        "questions": len(trees),
         "nodes": sum(len(t["nodes"]) for t in trees),
         "leaf_accuracy": sum(n["reward"] for n in leaves) / len(leaves) if leaves else 0.0,
-        "generated_tokens": tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "generated_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
         "unfinished_outputs": sum(not n["finished"] for t in trees for n in t["nodes"]),
         "empty_outputs": sum(not n["text"] for t in trees for n in t["nodes"]),
         "wall_seconds": time.perf_counter() - started,
@@ -123,7 +168,14 @@ def run(recipe: Recipe, run_id: str, shard: int = 0, num_shards: int | None = No
     }
     out.write_jsonl(f"trees/shard-{shard}.jsonl", trees)
     out.commit(summary)
-    log.info("sample shard %d/%d: %d questions, %d nodes, leaf accuracy %.3f, %d tokens at %.1f tok/s",
-             shard, num_shards, summary["questions"], summary["nodes"], summary["leaf_accuracy"],
-             tokens, summary["tokens_per_second"])
+    log.info(
+        "sample shard %d/%d: %d questions, %d nodes, leaf accuracy %.3f, %d tokens at %.1f tok/s",
+        shard,
+        num_shards,
+        summary["questions"],
+        summary["nodes"],
+        summary["leaf_accuracy"],
+        tokens,
+        summary["tokens_per_second"],
+    )
     return summary

@@ -1,0 +1,112 @@
+"""Graders on real benchmark rows and on tricky answers."""
+
+import pytest
+
+from malt_ops.config import DataConfig
+from malt_ops.data import load_splits
+from malt_ops.grading import (
+    extract_final_answer,
+    grade_csqa,
+    grade_gsm8k,
+    grade_many,
+    grade_math,
+    grade_math_many,
+    gsm8k_gold,
+    last_boxed,
+)
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return load_splits(DataConfig(benchmark="gsm8k", test_size=20))
+
+
+@pytest.fixture(scope="module")
+def math500():
+    return load_splits(DataConfig(benchmark="math", train_size=10, test_size=20))
+
+
+@pytest.fixture(scope="module")
+def csqa():
+    return load_splits(DataConfig(benchmark="csqa", test_size=20))
+
+
+def test_gsm8k_real_rows(gsm8k):
+    for problem in gsm8k.test:
+        gold = problem["answer"]
+        assert grade_gsm8k(gold, f"Some steps.\nFinal answer: {gold}").correct
+        assert not grade_gsm8k(gold, f"Final answer: {float(gold) + 1}").correct
+        assert not grade_gsm8k(gold, "I am not sure.").correct
+
+
+def test_gsm8k_gold_and_tricky_numbers():
+    assert gsm8k_gold("He pays 500 + 500 = <<500+500=1000>>1000\n#### 1,000") == "1000"
+    assert grade_gsm8k("1000", "Final answer: 1,000").correct
+    assert grade_gsm8k("18", "Final answer: $18.00").correct
+    assert grade_gsm8k("18", "so the total is 18 dollars.\nFinal answer: **18**").correct
+    assert grade_gsm8k("-4", "The answer is -4.").correct
+    assert not grade_gsm8k("18", "Final answer: 81").correct
+    assert grade_gsm8k(
+        "7", "Final answer: 3\nWait, recheck.\nFinal answer: 7"
+    ).correct  # last marker wins
+
+
+def test_math_real_rows_with_boxed_gold(math500):
+    problems = math500.test
+    assert all(p["answer"] for p in problems)
+    grades = grade_math_many(
+        [p["answer"] for p in problems],
+        [f"Work.\nFinal answer: \\boxed{{{p['answer']}}}" for p in problems],
+    )
+    assert all(g.correct for g in grades)
+    wrong = grade_math_many([p["answer"] for p in problems[:5]], ["Final answer: 123456789"] * 5)
+    assert not any(g.correct for g in wrong)
+
+
+def test_math_equivalent_forms():
+    assert grade_math("\\frac{1}{2}", "Final answer: 0.5").correct
+    assert grade_math("\\frac{1}{2}", "so \\boxed{\\frac12}").correct
+    assert grade_math("\\left( 3, \\frac{\\pi}{2} \\right)", "Final answer: (3, \\pi/2)").correct
+    assert not grade_math("\\frac{1}{2}", "Final answer: \\frac{1}{3}").correct
+    assert not grade_math("2", "no answer here").correct
+
+
+def test_csqa_real_rows(csqa):
+    for problem in csqa.test:
+        gold = problem["answer"]
+        assert grade_csqa(gold, f"Reasoning.\nFinal answer: {gold}").correct
+        assert grade_csqa(
+            gold, f"Final answer: ({gold}) {problem['choices'][ord(gold) - 65]}"
+        ).correct
+        other = "A" if gold != "A" else "B"
+        assert not grade_csqa(gold, f"Final answer: {other}").correct
+
+
+def test_csqa_boxed_letter():
+    assert grade_csqa("B", "The best option is \\boxed{B}.").correct
+    assert not grade_csqa("B", "Final answer: banana").correct
+
+
+def test_extraction():
+    assert extract_final_answer("Final answer: 42.") == "42"
+    assert extract_final_answer("FINAL ANSWER: \\boxed{x^2}") == "x^2"
+    assert extract_final_answer("") is None
+    assert extract_final_answer("   \n ") is None
+    assert extract_final_answer("no marker") is None
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{3}") == "3"
+    assert (
+        last_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}")
+        == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    )
+    assert extract_final_answer("x" * 100_000) is None  # a 100k-character rambling output
+
+
+def test_reasoning_gym_uses_task_scorer():
+    rg = load_splits(
+        DataConfig(benchmark="reasoning_gym", task="basic_arithmetic", train_size=5, test_size=2)
+    )
+    problem = rg.train[0]
+    good, bad = grade_many(
+        [problem, problem], [f"Final answer: {problem['answer']}", "Final answer: 99999"]
+    )
+    assert good.correct and not bad.correct

@@ -1,0 +1,74 @@
+"""The hf backend on the real SmolLM2 model: batching, padding, seeds, adapters, token counts."""
+
+import pytest
+import torch
+
+from malt_ops.backends import SamplingParams
+from malt_ops.errors import MaltError
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    [{"role": "user", "content": "What is 2 + 3? End with 'Final answer: <number>'."}],
+    [
+        {
+            "role": "user",
+            "content": "Name a colour of the sky on a clear day, in a long and detailed answer.",
+        }
+    ],
+    [{"role": "user", "content": "Hi"}],
+]
+GREEDY = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+
+
+def test_left_padded_batch_matches_single_prompts(hf_backend):
+    batched = hf_backend.generate(PROMPTS, GREEDY)
+    singles = [hf_backend.generate([p], GREEDY)[0] for p in PROMPTS]
+    for together, alone in zip(batched, singles, strict=True):
+        assert together[0].text == alone[0].text
+
+
+def test_samples_per_prompt_seeds_and_token_counts(hf_backend):
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
+    before = hf_backend.usage.completion_tokens
+    first = hf_backend.generate(PROMPTS[:2], params)
+    again = hf_backend.generate(PROMPTS[:2], params)
+    other = hf_backend.generate(
+        PROMPTS[:2], SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=8)
+    )
+    assert [len(c) for c in first] == [3, 3]
+    assert [[c.text for c in cs] for cs in first] == [[c.text for c in cs] for cs in again]
+    assert [[c.text for c in cs] for cs in first] != [[c.text for c in cs] for cs in other]
+    tokens = sum(c.completion_tokens for cs in first + again + other for c in cs)
+    assert hf_backend.usage.completion_tokens - before == tokens
+    assert all(1 <= c.completion_tokens <= 12 for cs in first for c in cs)
+    assert all(c.prompt_tokens > 10 for cs in first for c in cs)
+    long_answers = [c for c in first[1] if not c.finished]
+    assert all(c.completion_tokens == 12 for c in long_answers)
+
+
+def test_named_adapters_change_output_and_base_stays(hf_backend, model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from malt_ops.models import load_model
+
+    base_before = hf_backend.generate(PROMPTS[:1], GREEDY)[0][0].text
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model(model_dir),
+        LoraConfig(
+            r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+        ),
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    hf_backend.add_adapter("test-verifier", str(tmp_path / "adapter"))
+    with_adapter = hf_backend.generate(PROMPTS[:1], GREEDY, adapter="test-verifier")[0][0].text
+    base_after = hf_backend.generate(PROMPTS[:1], GREEDY)[0][0].text
+    assert with_adapter != base_before
+    assert base_after == base_before
+    with pytest.raises(MaltError, match="already loaded"):
+        hf_backend.add_adapter("test-verifier", str(tmp_path / "adapter"))
+    with pytest.raises(MaltError, match="not loaded"):
+        hf_backend.generate(PROMPTS[:1], GREEDY, adapter="missing")
+    with pytest.raises(MaltError, match="not a PEFT adapter"):
+        hf_backend.add_adapter("bad", str(tmp_path))

@@ -1,0 +1,132 @@
+"""A real prepare -> sample -> label run through the CLI with SmolLM2-135M on this CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from malt_ops.prompts import verifier_messages
+from malt_ops.tree import assign_values
+
+pytestmark = pytest.mark.model
+
+OVERRIDES = [
+    "data.train_size=2",
+    "sampling.n=2",
+    "sampling.m=2",
+    "sampling.l=2",
+    "sampling.max_new_tokens.generator=48",
+    "sampling.max_new_tokens.verifier=48",
+    "sampling.max_new_tokens.refiner=48",
+]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "malt_ops.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory, model_dir):
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(
+        Path("recipes/local.yaml").read_text().replace(".state/store", str(tmp / "store"))
+    )
+    sets = [arg for override in OVERRIDES for arg in ("--set", override)]
+    for stage in ("prepare", "sample", "label"):
+        done = cli(stage, "--recipe", str(recipe), "--run-id", "t1", *sets)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return recipe, tmp / "store" / "runs" / "t1", sets
+
+
+def test_tree_shape_and_rewards(sampled_run):
+    _, run, _ = sampled_run
+    trees = read_jsonl(run / "sample" / "trees" / "shard-0.jsonl")
+    assert len(trees) == 2
+    for tree in trees:
+        nodes = tree["nodes"]
+        assert len(nodes) == 2 + 4 + 8
+        roles = [n["role"] for n in nodes]
+        assert (
+            roles.count("generator") == 2
+            and roles.count("verifier") == 4
+            and roles.count("refiner") == 8
+        )
+        ids = {n["id"] for n in nodes}
+        assert all(n["parent"] is None or n["parent"] in ids for n in nodes)
+        for leaf in (n for n in nodes if n["role"] == "refiner"):
+            assert leaf["reward"] == (1.0 if leaf["correct"] else 0.0)
+            assert leaf["completion_tokens"] <= 49
+    manifest = json.loads((run / "sample" / "MANIFEST-shard-0.json").read_text())
+    assert manifest["summary"]["nodes"] == 28
+    assert manifest["summary"]["generated_tokens"] > 0
+
+
+def test_datasets_match_labels(sampled_run):
+    _, run, _ = sampled_run
+    trees = read_jsonl(run / "sample" / "trees" / "shard-0.jsonl")
+    stats = json.loads((run / "label" / "stats.json").read_text())
+    expected_sft, expected_positive, expected_negative = {}, {}, {}
+    for tree in trees:
+        labels = assign_values(tree["nodes"], "global", 0.5)
+        for node in tree["nodes"]:
+            role = node["role"]
+            bucket = expected_positive if labels[node["id"]].positive else expected_negative
+            bucket[role] = bucket.get(role, 0) + 1
+            if labels[node["id"]].positive and node["finished"] and node["text"].strip():
+                expected_sft.setdefault(role, set()).add((tree["problem"]["id"], node["id"]))
+    for role in ("generator", "verifier", "refiner"):
+        sft = read_jsonl(run / "label" / "datasets" / f"{role}_sft.jsonl")
+        assert {(r["question_id"], r["node_id"]) for r in sft} == expected_sft.get(role, set())
+        assert all(r["messages"][-1]["role"] == "assistant" for r in sft)
+        assert stats["roles"][role]["positives"] == expected_positive.get(role, 0)
+        assert stats["roles"][role]["negatives"] == expected_negative.get(role, 0)
+        pairs = read_jsonl(run / "label" / "datasets" / f"{role}_dpo.jsonl")
+        assert stats["roles"][role]["pairs"] == len(pairs)
+        by_question = {t["problem"]["id"]: t for t in trees}
+        for pair in pairs:
+            tree = by_question[pair["question_id"]]
+            labels = assign_values(tree["nodes"], "global", 0.5)
+            nodes = {n["id"]: n for n in tree["nodes"]}
+            chosen, rejected = nodes[pair["chosen_id"]], nodes[pair["rejected_id"]]
+            assert labels[chosen["id"]].positive and not labels[rejected["id"]].positive
+            assert (
+                chosen["parent"] == rejected["parent"]
+                and chosen["role"] == rejected["role"] == role
+            )
+            assert pair["chosen"][0]["content"] == chosen["text"]
+    # The verifier's prompt in its SFT rows is the one it was sampled with.
+    for row in read_jsonl(run / "label" / "datasets" / "verifier_sft.jsonl"):
+        tree = by_question[row["question_id"]]
+        nodes = {n["id"]: n for n in tree["nodes"]}
+        parent = nodes[nodes[row["node_id"]]["parent"]]
+        assert row["messages"][:-1] == verifier_messages(tree["problem"], parent["text"])
+
+
+def test_rerun_skips_finished_stages(sampled_run):
+    recipe, run, sets = sampled_run
+    before = (run / "sample" / "trees" / "shard-0.jsonl").read_bytes()
+    done = cli("sample", "--recipe", str(recipe), "--run-id", "t1", *sets)
+    assert done.returncode == 0
+    assert "already done" in done.stderr
+    assert (run / "sample" / "trees" / "shard-0.jsonl").read_bytes() == before
+
+
+def test_label_before_sampling_fails_clearly(sampled_run):
+    recipe, _, sets = sampled_run
+    done = cli("label", "--recipe", str(recipe), "--run-id", "t1-local", *sets)
+    assert done.returncode == 2
+    assert "sample shard 0 of 1 has not finished for run 't1-local'" in done.stderr
+    assert "Traceback" not in done.stderr
