@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from malt_ops.errors import MaltError
 
 ROLES = ("generator", "verifier", "refiner")
+TRAINED = (*ROLES, "star")
+"""What the train stage produces: the three MALT roles and the STaR baseline generator."""
 Role = Literal["generator", "verifier", "refiner"]
 BENCHMARKS = ("gsm8k", "math", "csqa", "reasoning_gym")
 
@@ -124,6 +126,54 @@ class LabelingConfig(_Section):
     max_pairs_per_parent: int = Field(default=4, gt=0)
 
 
+class RoleTrainingConfig(_Section):
+    """LoRA and optimizer settings for one role. SFT always; DPO after it when ``dpo`` is true."""
+
+    rank: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: float = Field(default=1e-4, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    max_length: int = Field(default=1024, gt=0)
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run all epochs)."""
+    dpo: bool = False
+    dpo_learning_rate: float = Field(default=5e-6, gt=0)
+    dpo_epochs: float = Field(default=1.0, gt=0)
+    dpo_max_steps: int = -1
+    beta: float = Field(default=0.2, gt=0)
+
+
+class TrainingConfig(_Section):
+    seed: int = 0
+    generator: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
+    verifier: RoleTrainingConfig = Field(default_factory=lambda: RoleTrainingConfig(dpo=True))
+    refiner: RoleTrainingConfig = Field(default_factory=lambda: RoleTrainingConfig(dpo=True))
+    star: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
+    """The STaR baseline: the generator SFT'd on its own correct single-agent samples."""
+
+
+class EvaluationConfig(_Section):
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    subset_size: int = Field(default=100, gt=0)
+    """Test questions drawn at random per seed."""
+    votes: int = Field(default=3, ge=1)
+    """Independent chains per question for majority voting (MV@3)."""
+    temperature: float = Field(default=0.3, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
+
+
+class ScheduleConfig(_Section):
+    cron: str | None = "@weekly"
+    """Airflow schedule of the retraining DAG (null: manual runs only)."""
+    retries: int = Field(default=2, ge=0)
+    retry_delay_minutes: float = Field(default=5, ge=0)
+
+
 class Recipe(_Section):
     name: str = "recipe"
     run: RunConfig = Field(default_factory=RunConfig)
@@ -133,6 +183,9 @@ class Recipe(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @field_validator("name")
     @classmethod

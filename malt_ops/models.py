@@ -91,6 +91,7 @@ def convert_gguf(gguf_file: Path) -> Path:
         tokenizer.save_pretrained(scratch)
         if target.exists():
             shutil.rmtree(target)
+        scratch.chmod(0o755)
         os.replace(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -67,6 +67,10 @@ class Store(ABC):
             written.append(f"{key}/{rel}")
         return written
 
+    def local_dir(self, key: str) -> Path:
+        """A local directory with the files below ``key`` (downloaded to a scratch dir if remote)."""
+        return self.get_dir(key, Path(tempfile.mkdtemp(prefix="malt-ops-")))
+
     def get_dir(self, key: str, local_dir: Path) -> Path:
         local_dir = Path(local_dir)
         for name in self.list(key):
@@ -137,6 +141,9 @@ class LocalStore(Store):
         return str(self._base / key)
 
     def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def local_dir(self, key: str) -> Path:
         return self._path(key)
 
 

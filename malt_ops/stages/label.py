@@ -54,7 +54,9 @@ def label_trees(
 ) -> tuple[dict[str, list], dict[str, Any]]:
     """Datasets ``{role}_sft`` / ``{role}_dpo`` and the label statistics."""
     datasets: dict[str, list] = {f"{role}_{kind}": [] for role in ROLES for kind in ("sft", "dpo")}
-    per_role = {role: Counter() for role in ROLES}
+    # STaR baseline: generator outputs whose own answer is right, regardless of the chain.
+    datasets["star_sft"] = []
+    per_role = {role: Counter() for role in (*ROLES, "star")}
     skipped: Counter = Counter()
     no_positive = 0
     for tree in trees:
@@ -71,6 +73,12 @@ def label_trees(
         if not any(label.positive for label in labels.values()):
             no_positive += 1
         for node in nodes:
+            if node["role"] == "generator" and node.get("correct") and node["id"] in usable:
+                datasets["star_sft"].append({
+                    "messages": [*generator_messages(problem), {"role": "assistant", "content": node["text"]}],
+                    "question_id": problem["id"], "node_id": node["id"], "value": 1.0,
+                })
+                per_role["star"]["positives"] += 1
             label = labels[node["id"]]
             stats = per_role[node["role"]]
             stats["nodes"] += 1

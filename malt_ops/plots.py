@@ -1,0 +1,65 @@
+"""PNG plots for people who would rather look than read (loss curves, accuracy bars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(histories: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
+    """One line per phase (sft, dpo): training loss against optimizer step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for phase, history in histories.items():
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot(steps, losses, marker="o", markersize=3, label=phase)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def accuracy_bars(settings: list[tuple[str, float, float]], title: str, path: Path) -> Path:
+    """Mean accuracy per setting with std error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [name for name, _, _ in settings]
+    ax.bar(range(len(settings)), [m * 100 for _, m, _ in settings],
+           yerr=[s * 100 for _, _, s in settings], capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(settings)), names, rotation=35, ha="right")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Path:
+    """Accuracy after each turn (G, V, R) per system."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, values in series.items():
+        ax.plot(["after G", "after V", "after R"], [v * 100 for v in values], marker="o", label=name)
+    ax.set_ylabel("accuracy %")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

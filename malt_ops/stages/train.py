@@ -1,0 +1,98 @@
+"""train: per-role LoRA adapters from the label datasets (mapped over roles, STaR beside them).
+
+generator and star: SFT. verifier and refiner: SFT on positives, then DPO on pairs with the
+SFT adapter as the reference. A role with nothing to learn from is skipped with a reason;
+the run goes on with that role untrained.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from malt_ops.config import TRAINED, Recipe
+from malt_ops.errors import MaltError
+from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.storage import iter_jsonl
+
+STAGE = "train"
+HELP = ("Train one role's LoRA adapter with TRL: SFT (generator, star) or SFT then DPO against the "
+        "SFT adapter (verifier, refiner); writes train/adapters/<role>/.")
+
+
+def adapter_key(run_id: str, role: str) -> str:
+    return f"runs/{run_id}/{STAGE}/adapters/{role}"
+
+
+def _final_loss(history: list[dict[str, Any]]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
+    if role not in TRAINED:
+        raise MaltError(f"--role '{role}' is not one of {', '.join(TRAINED)}")
+    out = stage_output(recipe, run_id, STAGE, unit=role)
+    if (done := already_done(out)) is not None:
+        return done
+    labeled = stage_output(recipe, run_id, "label")
+    if not labeled.done():
+        raise MaltError(f"label has not finished for run '{run_id}': run `malt-ops label` first")
+    cfg = getattr(recipe.training, role)
+    positives = list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_sft.jsonl")))
+    pairs = [] if role == "star" else list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_dpo.jsonl")))
+    summary: dict[str, Any] = {"role": role, "sft_rows": len(positives), "dpo_rows": len(pairs) if cfg.dpo else 0,
+                               "trained": False, "phases": [], "skipped_reason": None}
+    if not positives:
+        summary["skipped_reason"] = f"no positive {role} samples to fine-tune on; {role} stays untrained"
+        log.warning("train %s: %s", role, summary["skipped_reason"])
+        out.write_json(f"metrics/{role}.json", summary)
+        out.commit(summary)
+        return summary
+
+    from malt_ops.models import resolve_model_dir
+    from malt_ops.plots import loss_curves
+    from malt_ops.training import train_dpo, train_sft
+
+    model_dir = resolve_model_dir(recipe.model)
+    histories: dict[str, list] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"malt-train-{role}-") as scratch:
+        scratch_dir = Path(scratch)
+        log.info("train %s: SFT on %d positives", role, len(positives))
+        result = train_sft(model_dir, positives, cfg, scratch_dir, seed=recipe.training.seed)
+        histories["sft"] = result.history
+        summary["phases"].append("sft")
+        summary["sft_final_loss"] = _final_loss(result.history)
+        final = result.adapter_dir
+        del result
+        if cfg.dpo and pairs:
+            log.info("train %s: DPO on %d pairs (beta %.2f, reference = SFT adapter)", role, len(pairs), cfg.beta)
+            dpo = train_dpo(model_dir, final, pairs, cfg, scratch_dir, seed=recipe.training.seed)
+            histories["dpo"] = dpo.history
+            summary["phases"].append("dpo")
+            summary["dpo_final_loss"] = _final_loss(dpo.history)
+            final = dpo.adapter_dir
+            del dpo
+        elif cfg.dpo:
+            summary["skipped_reason"] = f"no preference pairs for {role}: DPO skipped, SFT adapter kept"
+            log.warning("train %s: %s", role, summary["skipped_reason"])
+        (final / "README.md").unlink(missing_ok=True)
+        (final / "training_summary.json").write_text(json.dumps(
+            {"role": role, "base_model": recipe.model.name if recipe.model.source == "packaged" else recipe.model.path,
+             "recipe_digest": recipe.digest(), "phases": summary["phases"]}, indent=2))
+        out.put_dir(f"adapters/{role}", final)
+        plot = loss_curves(histories, f"{role} training loss", scratch_dir / f"{role}_loss.png")
+        out.write_bytes(f"plots/{role}_loss.png", plot.read_bytes())
+        shutil.rmtree(scratch_dir / "checkpoints", ignore_errors=True)
+    summary["trained"] = True
+    summary["wall_seconds"] = time.perf_counter() - started
+    out.write_json(f"metrics/{role}.json", {**summary, "history": histories})
+    out.commit(summary)
+    log.info("train %s: done in %.0fs (%s), adapter in %s", role, summary["wall_seconds"],
+             " + ".join(summary["phases"]), out.store.uri(out.key(f"adapters/{role}")))
+    return summary

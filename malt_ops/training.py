@@ -1,0 +1,108 @@
+"""TRL + PEFT LoRA training: SFT on positives, then DPO against the SFT adapter.
+
+DPO keeps one base model in memory: the policy is the SFT adapter (trainable) and TRL
+adds a frozen copy of it as the ``ref`` adapter, so the reference is the SFT adapter,
+not the base model and not a second full model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from malt_ops.config import RoleTrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    history: list[dict[str, Any]]
+    rows: int
+    trainer: Any = None
+
+
+def _common_args(cfg: RoleTrainingConfig, out_dir: Path, seed: int, learning_rate: float,
+                 epochs: float, max_steps: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        "output_dir": str(out_dir / "checkpoints"),
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "learning_rate": learning_rate,
+        "num_train_epochs": epochs,
+        "max_steps": max_steps,
+        "max_length": cfg.max_length,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+    }
+
+
+def lora_config(cfg: RoleTrainingConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+
+
+def _load(model_dir: Path):
+    from malt_ops.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "right"
+    return load_model(model_dir), tokenizer
+
+
+def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows: the loss falls on the role's answer only."""
+    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+
+
+def train_sft(model_dir: Path, rows: list[dict[str, Any]], cfg: RoleTrainingConfig, out_dir: Path,
+              seed: int = 0) -> TrainResult:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model, tokenizer = _load(model_dir)
+    args = SFTConfig(**_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
+                     completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(rows)),
+                         processing_class=tokenizer, peft_config=lora_config(cfg))
+    trainer.train()
+    adapter_dir = out_dir / "sft"
+    trainer.model.save_pretrained(adapter_dir)
+    return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
+
+
+def train_dpo(model_dir: Path, sft_adapter: Path, pairs: list[dict[str, Any]], cfg: RoleTrainingConfig,
+              out_dir: Path, seed: int = 0) -> TrainResult:
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = _load(model_dir)
+    policy = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
+    args = DPOConfig(**_common_args(cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps),
+                     beta=cfg.beta)
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    # ref_model=None with a PEFT policy: TRL copies the loaded (SFT) adapter into a frozen "ref" adapter.
+    trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    trainer.train()
+    adapter_dir = out_dir / "dpo"
+    trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
+    return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
