@@ -38,12 +38,12 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
-	$(BIN)/ruff check malt_ops tests bench
-	$(BIN)/ruff format --check malt_ops tests bench
+	$(BIN)/ruff check malt_ops tests bench dags
+	$(BIN)/ruff format --check malt_ops tests bench dags
 
 style: setup
-	$(BIN)/ruff format malt_ops tests bench
-	$(BIN)/ruff check --fix malt_ops tests bench
+	$(BIN)/ruff format malt_ops tests bench dags
+	$(BIN)/ruff check --fix malt_ops tests bench dags
 
 bench: setup
 	$(BIN)/python bench/sampling.py

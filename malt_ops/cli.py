@@ -12,7 +12,7 @@ from typing import Any
 
 from malt_ops.config import Recipe, load_recipe
 from malt_ops.errors import MaltError
-from malt_ops.stages import label, prepare, sample
+from malt_ops.stages import evaluate, label, prepare, sample, train
 from malt_ops.storage import validate_run_id
 
 DEFAULT_RECIPE = "recipes/local.yaml"
@@ -53,12 +53,20 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
     return label.run(_recipe(args), validate_run_id(args.run_id))
 
 
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    return train.run(_recipe(args), validate_run_id(args.run_id), args.role)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    return evaluate.run(_recipe(args), validate_run_id(args.run_id))
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _recipe(args)
     run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from malt_ops.pipeline import run_pipeline
 
-    return run_pipeline(recipe, run_id)
+    return run_pipeline(recipe, args.recipe, args.overrides, run_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,6 +140,8 @@ class RoleTrainingConfig(_Section):
     max_length: int = Field(default=1024, gt=0)
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run all epochs)."""
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    """Share of steps spent warming up the learning rate (0 suits the few steps of small runs)."""
     dpo: bool = False
     dpo_learning_rate: float = Field(default=5e-6, gt=0)
     dpo_epochs: float = Field(default=1.0, gt=0)
@@ -147,11 +149,17 @@ class RoleTrainingConfig(_Section):
     beta: float = Field(default=0.2, gt=0)
 
 
+class CriticTrainingConfig(RoleTrainingConfig):
+    """Verifier and refiner: SFT then DPO by default (the paper's recipe)."""
+
+    dpo: bool = True
+
+
 class TrainingConfig(_Section):
     seed: int = 0
     generator: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
-    verifier: RoleTrainingConfig = Field(default_factory=lambda: RoleTrainingConfig(dpo=True))
-    refiner: RoleTrainingConfig = Field(default_factory=lambda: RoleTrainingConfig(dpo=True))
+    verifier: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig)
+    refiner: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig)
     star: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
     """The STaR baseline: the generator SFT'd on its own correct single-agent samples."""
 

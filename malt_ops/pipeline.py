@@ -1,35 +1,80 @@
-"""Runs the stages in order for one run id (until the Airflow DAG takes over this role)."""
+"""`malt-ops run`: the Airflow DAG in dags/, run in-process with Airflow's ``dag.test()``.
+
+Airflow's metadata lives in SQLite under ``<run.state_dir>/airflow``, created on first use.
+The stage order is defined only by the DAG.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from malt_ops.config import Recipe
-from malt_ops.stages import label, prepare, sample
-from malt_ops.stages.common import log
+from malt_ops.errors import MaltError
+from malt_ops.orchestration import RECIPE_ENV, REPO_ROOT
 from malt_ops.storage import open_store, run_prefix
 
+log = logging.getLogger("malt_ops")
+DAG_ID = "malt_retraining"
 
-def run_pipeline(recipe: Recipe, run_id: str) -> dict[str, Any]:
-    results: dict[str, Any] = {"prepare": prepare.run(recipe, run_id)}
-    backend = None
-    shards = []
-    for shard in range(recipe.sampling.num_shards):
-        if backend is None and not _shard_done(recipe, run_id, shard):
-            from malt_ops.backends import create_backend
 
-            backend = create_backend(recipe)
-        shards.append(sample.run(recipe, run_id, shard, backend=backend))
-    results["sample"] = shards
-    results["label"] = label.run(recipe, run_id)
+def dags_folder() -> Path:
+    return Path(os.environ.get("MALT_OPS_DAGS_FOLDER") or REPO_ROOT / "dags")
+
+
+def prepare_airflow_home(state_dir: str) -> Path:
+    """Point Airflow at a local SQLite home and migrate it once."""
+    home = Path(state_dir).expanduser().resolve() / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["AIRFLOW_HOME"] = str(home)
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_folder())
+    os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+    marker = home / ".migrated"
+    if not marker.exists():
+        log.info("creating Airflow metadata database in %s (once)", home)
+        done = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True,
+                              text=True, check=False, env=os.environ.copy())
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MaltError(f"airflow db migrate failed in {home}: {tail}")
+        marker.write_text("ok\n")
+    return home
+
+
+def load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dags_folder()))
+    if bag.import_errors:
+        path, error = next(iter(bag.import_errors.items()))
+        raise MaltError(f"DAG file {path} does not import: {error.strip().splitlines()[-1]}")
+    dag = bag.get_dag(DAG_ID)
+    if dag is None:
+        raise MaltError(f"no DAG '{DAG_ID}' in {dags_folder()}")
+    return dag
+
+
+def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str) -> dict[str, Any]:
+    os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
+    prepare_airflow_home(recipe.run.state_dir)
+    dag = load_dag()
+    conf = {"recipe": str(Path(recipe_path).resolve()), "run_id": run_id, "overrides": list(overrides)}
+    dag_run = dag.test(run_conf=conf)
+    state = str(getattr(dag_run, "state", "unknown"))
     store = open_store(recipe.storage.root)
-    log.info(
-        "run %s finished; outputs in %s", run_id, store.uri(run_prefix(run_id, "")).rstrip("/")
-    )
-    return results
-
-
-def _shard_done(recipe: Recipe, run_id: str, shard: int) -> bool:
-    from malt_ops.stages.common import stage_output
-
-    return stage_output(recipe, run_id, "sample", unit=f"shard-{shard}").done()
+    outputs = store.uri(run_prefix(run_id, "")).rstrip("/")
+    failed = [ti.task_id for ti in dag_run.get_task_instances() if str(ti.state) not in ("success", "skipped")] \
+        if hasattr(dag_run, "get_task_instances") else []
+    if "success" not in state:
+        raise MaltError(f"run {run_id} did not succeed (state {state}; tasks not done: {failed or 'see log'}); "
+                        f"rerun the same command to resume, finished stages are skipped")
+    table_key = f"{run_prefix(run_id, 'evaluate')}/table.md"
+    if store.exists(table_key):
+        print(f"\n{store.read_text(table_key)}")
+    print(f"run {run_id}: outputs in {outputs}")
+    return {"run_id": run_id, "state": state, "outputs": outputs}

@@ -21,6 +21,9 @@ from typing import Any
 
 from malt_ops.errors import MaltError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class Store(ABC):
     """Byte-level access to a storage root. Keys are '/'-separated paths below the root."""
@@ -112,6 +115,7 @@ class LocalStore(Store):
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; stored files follow the umask
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

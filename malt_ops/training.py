@@ -47,7 +47,7 @@ def _common_args(cfg: RoleTrainingConfig, out_dir: Path, seed: int, learning_rat
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.1,
+        "warmup_steps": cfg.warmup_ratio,
     }
 
 

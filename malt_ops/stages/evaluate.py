@@ -1,0 +1,188 @@
+"""evaluate: the paper's Table 1 settings on random test subsets, over several seeds.
+
+Three systems are run as ``votes`` independent G -> V -> R chains per question:
+base (untrained, role prompts), STaR (the STaR generator adapter in every role) and
+MALT (the trained role adapters). From the same chains:
+SA = the first chain's generator answer, SA+MV = majority vote of the generator answers,
+MA = the first chain's refiner answer, MA+MV = majority vote of the refiner answers.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from malt_ops.backends import InferenceBackend, create_backend
+from malt_ops.config import ROLES, Recipe, SamplingConfig
+from malt_ops.errors import MaltError
+from malt_ops.metrics import majority_vote, mean_std
+from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.sample import expand_trees
+from malt_ops.stages.train import adapter_key
+from malt_ops.storage import iter_jsonl
+
+STAGE = "evaluate"
+HELP = ("Evaluate SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV and MALT on random test subsets "
+        "over several seeds; writes evaluate/report.json, table.md and plots.")
+
+SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
+SETTINGS = [
+    ("SA", "base", "generator", False), ("SA+MV", "base", "generator", True),
+    ("MA", "base", "refiner", False), ("MA+MV", "base", "refiner", True),
+    ("STaR SA", "star", "generator", False), ("STaR SA+MV", "star", "generator", True),
+    ("STaR MA", "star", "refiner", False), ("STaR MA+MV", "star", "refiner", True),
+    ("MALT w/o MV", "malt", "refiner", False), ("MALT", "malt", "refiner", True),
+]
+
+
+def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> tuple[dict, dict]:
+    """role -> adapter name for each system, and which trained adapters were missing."""
+    store = stage_output(recipe, run_id, "train").store
+    loaded: dict[str, str | None] = {}
+    untrained = []
+    for trained in (*ROLES, "star"):
+        key = adapter_key(run_id, trained)
+        if store.exists(f"{key}/adapter_config.json"):
+            name = f"{run_id}-{trained}"
+            if name not in getattr(backend, "adapters", {}):
+                backend.add_adapter(name, str(store.local_dir(key)))
+            loaded[trained] = name
+        else:
+            loaded[trained] = None
+            untrained.append(trained)
+    systems = {
+        "base": dict.fromkeys(ROLES),
+        "star": dict.fromkeys(ROLES, loaded["star"]),
+        "malt": {role: loaded[role] for role in ROLES},
+    }
+    return systems, {"untrained": untrained}
+
+
+def chain_records(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each independent chain (one generator sample, its verifier, its refiner) of a tree."""
+    nodes = tree["nodes"]
+    chains = []
+    for gen in (n for n in nodes if n["role"] == "generator"):
+        ver = next(n for n in nodes if n["parent"] == gen["id"])
+        ref = next(n for n in nodes if n["parent"] == ver["id"])
+        chains.append({"g": gen, "v": ver, "r": ref})
+    return chains
+
+
+def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips."""
+    def voted(turn: str) -> bool:
+        winner = majority_vote([c[turn]["answer"] for c in chains])
+        return winner is not None and bool(chains[winner][turn]["correct"])
+
+    tokens_first = sum(chains[0][t]["completion_tokens"] for t in "gvr")
+    return {
+        "generator": bool(chains[0]["g"]["correct"]), "generator_mv": voted("g"),
+        "refiner": bool(chains[0]["r"]["correct"]), "refiner_mv": voted("r"),
+        "turns": [sum(bool(c[t]["correct"]) for c in chains) / len(chains) for t in "gvr"],
+        "wrong_to_right": sum(not c["g"]["correct"] and c["r"]["correct"] for c in chains),
+        "right_to_wrong": sum(c["g"]["correct"] and not c["r"]["correct"] for c in chains),
+        "chains": len(chains),
+        "tokens": {"generator": chains[0]["g"]["completion_tokens"],
+                   "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
+                   "refiner": tokens_first,
+                   "refiner_mv": sum(c[t]["completion_tokens"] for c in chains for t in "gvr")},
+    }
+
+
+def run_system(problems_by_seed: dict[int, list[dict]], backend: InferenceBackend, adapters: dict,
+               recipe: Recipe, desc: str) -> dict[int, list[dict[str, Any]]]:
+    """Chains for every (seed, question) in one batched expansion; scored per question."""
+    ev = recipe.evaluation
+    sampling = SamplingConfig(n=ev.votes, m=1, l=1, temperature=ev.temperature, top_p=ev.top_p,
+                              max_new_tokens=ev.max_new_tokens)
+    flat = [(seed, p) for seed, problems in problems_by_seed.items() for p in problems]
+    log.info("evaluate %s: %d questions x %d chains", desc, len(flat), ev.votes)
+    trees = expand_trees([p for _, p in flat], backend, sampling, adapters, seed=ev.seeds[0])
+    scored: dict[int, list[dict[str, Any]]] = {seed: [] for seed in problems_by_seed}
+    for (seed, problem), tree in zip(flat, trees, strict=True):
+        scored[seed].append({"question_id": problem["id"], **score_question(chain_records(tree))})
+    return scored
+
+
+def build_report(results: dict[str, dict[int, list[dict]]], seeds: list[int], notes: dict) -> dict[str, Any]:
+    settings = []
+    for name, system, turn, vote in SETTINGS:
+        key = f"{turn}_mv" if vote else turn
+        per_seed = [sum(q[key] for q in results[system][s]) / max(1, len(results[system][s])) for s in seeds]
+        mean, std = mean_std(per_seed)
+        settings.append({"setting": name, "system": system, "mean": mean, "std": std, "per_seed": per_seed,
+                         "n_questions": len(results[system][seeds[0]]), "seeds": seeds,
+                         "tokens": sum(q["tokens"][key] for s in seeds for q in results[system][s])})
+    turnwise, flips = {}, {}
+    for system, by_seed in results.items():
+        questions = [q for s in seeds for q in by_seed[s]]
+        turnwise[system] = [sum(q["turns"][i] for q in questions) / max(1, len(questions)) for i in range(3)]
+        flips[system] = {"wrong_to_right": sum(q["wrong_to_right"] for q in questions),
+                         "right_to_wrong": sum(q["right_to_wrong"] for q in questions),
+                         "chains": sum(q["chains"] for q in questions)}
+    return {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = ["| setting | accuracy % (mean ± std) | per seed | questions | tokens |", "|---|---|---|---|---|"]
+    for s in report["settings"]:
+        seeds = ", ".join(f"{v * 100:.1f}" for v in s["per_seed"])
+        lines.append(f"| {s['setting']} | {s['mean'] * 100:.2f} ± {s['std'] * 100:.2f} | {seeds} | "
+                     f"{s['n_questions']} | {s['tokens']} |")
+    lines += ["", "| system | after G % | after V % | after R % | wrong→right | right→wrong | chains |",
+              "|---|---|---|---|---|---|---|"]
+    for system, turns in report["turnwise"].items():
+        flips = report["flips"][system]
+        lines.append(f"| {system} | " + " | ".join(f"{t * 100:.1f}" for t in turns)
+                     + f" | {flips['wrong_to_right']} | {flips['right_to_wrong']} | {flips['chains']} |")
+    if report.get("untrained"):
+        lines += ["", f"Untrained (no data to learn from; base model used): {', '.join(report['untrained'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) -> dict[str, Any]:
+    out = stage_output(recipe, run_id, STAGE)
+    if (done := already_done(out)) is not None:
+        return done
+    prepared = stage_output(recipe, run_id, "prepare")
+    if not prepared.done():
+        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
+    test = list(iter_jsonl(out.store, prepared.key("problems/test.jsonl")))
+    if not test:
+        raise MaltError("the test split is empty: set data.test_size or data.test_path")
+    ev = recipe.evaluation
+    size = min(ev.subset_size, len(test))
+    problems_by_seed = {seed: random.Random(seed).sample(test, size) for seed in ev.seeds}
+    backend = backend or create_backend(recipe)
+    systems, notes = system_adapters(recipe, run_id, backend)
+    results: dict[str, dict[int, list[dict]]] = {}
+    computed: dict[tuple, dict] = {}
+    for system, adapters in systems.items():
+        signature = tuple(adapters[r] for r in ROLES)
+        if signature not in computed:  # an untrained system is the base system: run it once
+            computed[signature] = run_system(problems_by_seed, backend, adapters, recipe, system)
+        results[system] = computed[signature]
+    report = build_report(results, list(ev.seeds), notes)
+    report["questions_per_seed"] = size
+    report["benchmark"] = recipe.data.benchmark
+    table = format_table(report)
+    out.write_json("report.json", report)
+    out.write_bytes("table.md", table.encode())
+    out.write_jsonl("per_question.jsonl", [{"system": system, "seed": seed, **q}
+                                           for system, by_seed in results.items()
+                                           for seed, questions in by_seed.items() for q in questions])
+    from malt_ops.plots import accuracy_bars, turnwise_lines
+
+    with tempfile.TemporaryDirectory() as scratch:
+        bars = accuracy_bars([(s["setting"], s["mean"], s["std"]) for s in report["settings"]],
+                             f"{recipe.data.benchmark}: accuracy per setting", Path(scratch) / "accuracy.png")
+        lines = turnwise_lines(report["turnwise"], "turn-wise accuracy", Path(scratch) / "turnwise.png")
+        out.write_bytes("plots/accuracy.png", bars.read_bytes())
+        out.write_bytes("plots/turnwise.png", lines.read_bytes())
+    summary = {s["setting"]: {"mean": s["mean"], "std": s["std"]} for s in report["settings"]}
+    out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
+    print(f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}")
+    return report
