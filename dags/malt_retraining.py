@@ -29,7 +29,9 @@ with DAG(
     },
     params={
         "recipe": Param(dag_recipe_path(), type="string", description="recipe YAML path"),
-        "run_id": Param(None, type=["null", "string"], description="pipeline run id (default: Airflow's)"),
+        "run_id": Param(
+            None, type=["null", "string"], description="pipeline run id (default: Airflow's)"
+        ),
         "overrides": Param([], type="array", description="recipe overrides, dotted.key=value"),
     },
     doc_md=__doc__,

@@ -132,7 +132,9 @@ class RoleTrainingConfig(_Section):
     rank: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     learning_rate: float = Field(default=1e-4, gt=0)
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=4, gt=0)
@@ -140,6 +142,8 @@ class RoleTrainingConfig(_Section):
     max_length: int = Field(default=1024, gt=0)
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run all epochs)."""
+    gradient_checkpointing: bool = True
+    """Trade compute for memory (large models on GPU); turn off for small CPU runs."""
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     """Share of steps spent warming up the learning rate (0 suits the few steps of small runs)."""
     dpo: bool = False

@@ -36,7 +36,9 @@ def _params(context: dict[str, Any]) -> dict[str, Any]:
 
 def recipe_for(context: dict[str, Any]) -> Recipe:
     params = _params(context)
-    return load_recipe(params.get("recipe") or dag_recipe_path(), list(params.get("overrides") or []))
+    return load_recipe(
+        params.get("recipe") or dag_recipe_path(), list(params.get("overrides") or [])
+    )
 
 
 def run_id_for(context: dict[str, Any]) -> str:
@@ -52,8 +54,12 @@ def call_stage(stage: str, context: dict[str, Any], **kwargs: Any) -> str:
     module = importlib.import_module(f"malt_ops.stages.{stage}")
     run_id = run_id_for(context)
     summary = module.run(recipe_for(context), run_id, **kwargs)
-    log.info("%s finished for run %s: %s", stage, run_id,
-             {k: v for k, v in (summary or {}).items() if not isinstance(v, dict | list)})
+    log.info(
+        "%s finished for run %s: %s",
+        stage,
+        run_id,
+        {k: v for k, v in (summary or {}).items() if not isinstance(v, dict | list)},
+    )
     return run_id
 
 

@@ -37,8 +37,13 @@ def prepare_airflow_home(state_dir: str) -> Path:
     marker = home / ".migrated"
     if not marker.exists():
         log.info("creating Airflow metadata database in %s (once)", home)
-        done = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True,
-                              text=True, check=False, env=os.environ.copy())
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=os.environ.copy(),
+        )
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise MaltError(f"airflow db migrate failed in {home}: {tail}")
@@ -53,26 +58,41 @@ def load_dag():
     if bag.import_errors:
         path, error = next(iter(bag.import_errors.items()))
         raise MaltError(f"DAG file {path} does not import: {error.strip().splitlines()[-1]}")
-    dag = bag.get_dag(DAG_ID)
+    dag = bag.dags.get(DAG_ID)
     if dag is None:
         raise MaltError(f"no DAG '{DAG_ID}' in {dags_folder()}")
     return dag
 
 
-def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str) -> dict[str, Any]:
+def run_pipeline(
+    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str
+) -> dict[str, Any]:
     os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
     prepare_airflow_home(recipe.run.state_dir)
     dag = load_dag()
-    conf = {"recipe": str(Path(recipe_path).resolve()), "run_id": run_id, "overrides": list(overrides)}
+    conf = {
+        "recipe": str(Path(recipe_path).resolve()),
+        "run_id": run_id,
+        "overrides": list(overrides),
+    }
     dag_run = dag.test(run_conf=conf)
     state = str(getattr(dag_run, "state", "unknown"))
     store = open_store(recipe.storage.root)
     outputs = store.uri(run_prefix(run_id, "")).rstrip("/")
-    failed = [ti.task_id for ti in dag_run.get_task_instances() if str(ti.state) not in ("success", "skipped")] \
-        if hasattr(dag_run, "get_task_instances") else []
+    failed = (
+        [
+            ti.task_id
+            for ti in dag_run.get_task_instances()
+            if str(ti.state) not in ("success", "skipped")
+        ]
+        if hasattr(dag_run, "get_task_instances")
+        else []
+    )
     if "success" not in state:
-        raise MaltError(f"run {run_id} did not succeed (state {state}; tasks not done: {failed or 'see log'}); "
-                        f"rerun the same command to resume, finished stages are skipped")
+        raise MaltError(
+            f"run {run_id} did not succeed (state {state}; tasks not done: {failed or 'see log'}); "
+            f"rerun the same command to resume, finished stages are skipped"
+        )
     table_key = f"{run_prefix(run_id, 'evaluate')}/table.md"
     if store.exists(table_key):
         print(f"\n{store.read_text(table_key)}")

@@ -39,8 +39,13 @@ def accuracy_bars(settings: list[tuple[str, float, float]], title: str, path: Pa
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     names = [name for name, _, _ in settings]
-    ax.bar(range(len(settings)), [m * 100 for _, m, _ in settings],
-           yerr=[s * 100 for _, _, s in settings], capsize=3, color="#4c72b0")
+    ax.bar(
+        range(len(settings)),
+        [m * 100 for _, m, _ in settings],
+        yerr=[s * 100 for _, _, s in settings],
+        capsize=3,
+        color="#4c72b0",
+    )
     ax.set_xticks(range(len(settings)), names, rotation=35, ha="right")
     ax.set_ylabel("accuracy %")
     ax.set_title(title)
@@ -55,7 +60,9 @@ def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Pa
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, values in series.items():
-        ax.plot(["after G", "after V", "after R"], [v * 100 for v in values], marker="o", label=name)
+        ax.plot(
+            ["after G", "after V", "after R"], [v * 100 for v in values], marker="o", label=name
+        )
     ax.set_ylabel("accuracy %")
     ax.set_title(title)
     ax.legend()

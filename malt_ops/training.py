@@ -26,8 +26,14 @@ class TrainResult:
     trainer: Any = None
 
 
-def _common_args(cfg: RoleTrainingConfig, out_dir: Path, seed: int, learning_rate: float,
-                 epochs: float, max_steps: int) -> dict[str, Any]:
+def _common_args(
+    cfg: RoleTrainingConfig,
+    out_dir: Path,
+    seed: int,
+    learning_rate: float,
+    epochs: float,
+    max_steps: int,
+) -> dict[str, Any]:
     import torch
 
     return {
@@ -48,14 +54,21 @@ def _common_args(cfg: RoleTrainingConfig, out_dir: Path, seed: int, learning_rat
         "disable_tqdm": False,
         "lr_scheduler_type": "cosine",
         "warmup_steps": cfg.warmup_ratio,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
     }
 
 
 def lora_config(cfg: RoleTrainingConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def _load(model_dir: Path):
@@ -71,37 +84,66 @@ def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
 
 
-def train_sft(model_dir: Path, rows: list[dict[str, Any]], cfg: RoleTrainingConfig, out_dir: Path,
-              seed: int = 0) -> TrainResult:
+def train_sft(
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    cfg: RoleTrainingConfig,
+    out_dir: Path,
+    seed: int = 0,
+) -> TrainResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model, tokenizer = _load(model_dir)
-    args = SFTConfig(**_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
-                     completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows(rows)),
-                         processing_class=tokenizer, peft_config=lora_config(cfg))
+    args = SFTConfig(
+        **_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(sft_rows(rows)),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
     trainer.train()
     adapter_dir = out_dir / "sft"
     trainer.model.save_pretrained(adapter_dir)
     return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
 
 
-def train_dpo(model_dir: Path, sft_adapter: Path, pairs: list[dict[str, Any]], cfg: RoleTrainingConfig,
-              out_dir: Path, seed: int = 0) -> TrainResult:
+def train_dpo(
+    model_dir: Path,
+    sft_adapter: Path,
+    pairs: list[dict[str, Any]],
+    cfg: RoleTrainingConfig,
+    out_dir: Path,
+    seed: int = 0,
+) -> TrainResult:
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = _load(model_dir)
     policy = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
-    args = DPOConfig(**_common_args(cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps),
-                     beta=cfg.beta)
-    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    args = DPOConfig(
+        **_common_args(
+            cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
+        ),
+        beta=cfg.beta,
+    )
+    rows = [
+        {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs
+    ]
     # ref_model=None with a PEFT policy: TRL copies the loaded (SFT) adapter into a frozen "ref" adapter.
-    trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     trainer.train()
     adapter_dir = out_dir / "dpo"
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])

@@ -24,16 +24,23 @@ from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl
 
 STAGE = "evaluate"
-HELP = ("Evaluate SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV and MALT on random test subsets "
-        "over several seeds; writes evaluate/report.json, table.md and plots.")
+HELP = (
+    "Evaluate SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV and MALT on random test subsets "
+    "over several seeds; writes evaluate/report.json, table.md and plots."
+)
 
 SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
 SETTINGS = [
-    ("SA", "base", "generator", False), ("SA+MV", "base", "generator", True),
-    ("MA", "base", "refiner", False), ("MA+MV", "base", "refiner", True),
-    ("STaR SA", "star", "generator", False), ("STaR SA+MV", "star", "generator", True),
-    ("STaR MA", "star", "refiner", False), ("STaR MA+MV", "star", "refiner", True),
-    ("MALT w/o MV", "malt", "refiner", False), ("MALT", "malt", "refiner", True),
+    ("SA", "base", "generator", False),
+    ("SA+MV", "base", "generator", True),
+    ("MA", "base", "refiner", False),
+    ("MA+MV", "base", "refiner", True),
+    ("STaR SA", "star", "generator", False),
+    ("STaR SA+MV", "star", "generator", True),
+    ("STaR MA", "star", "refiner", False),
+    ("STaR MA+MV", "star", "refiner", True),
+    ("MALT w/o MV", "malt", "refiner", False),
+    ("MALT", "malt", "refiner", True),
 ]
 
 
@@ -73,31 +80,47 @@ def chain_records(tree: dict[str, Any]) -> list[dict[str, Any]]:
 
 def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips."""
+
     def voted(turn: str) -> bool:
         winner = majority_vote([c[turn]["answer"] for c in chains])
         return winner is not None and bool(chains[winner][turn]["correct"])
 
     tokens_first = sum(chains[0][t]["completion_tokens"] for t in "gvr")
     return {
-        "generator": bool(chains[0]["g"]["correct"]), "generator_mv": voted("g"),
-        "refiner": bool(chains[0]["r"]["correct"]), "refiner_mv": voted("r"),
+        "generator": bool(chains[0]["g"]["correct"]),
+        "generator_mv": voted("g"),
+        "refiner": bool(chains[0]["r"]["correct"]),
+        "refiner_mv": voted("r"),
         "turns": [sum(bool(c[t]["correct"]) for c in chains) / len(chains) for t in "gvr"],
         "wrong_to_right": sum(not c["g"]["correct"] and c["r"]["correct"] for c in chains),
         "right_to_wrong": sum(c["g"]["correct"] and not c["r"]["correct"] for c in chains),
         "chains": len(chains),
-        "tokens": {"generator": chains[0]["g"]["completion_tokens"],
-                   "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
-                   "refiner": tokens_first,
-                   "refiner_mv": sum(c[t]["completion_tokens"] for c in chains for t in "gvr")},
+        "tokens": {
+            "generator": chains[0]["g"]["completion_tokens"],
+            "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
+            "refiner": tokens_first,
+            "refiner_mv": sum(c[t]["completion_tokens"] for c in chains for t in "gvr"),
+        },
     }
 
 
-def run_system(problems_by_seed: dict[int, list[dict]], backend: InferenceBackend, adapters: dict,
-               recipe: Recipe, desc: str) -> dict[int, list[dict[str, Any]]]:
+def run_system(
+    problems_by_seed: dict[int, list[dict]],
+    backend: InferenceBackend,
+    adapters: dict,
+    recipe: Recipe,
+    desc: str,
+) -> dict[int, list[dict[str, Any]]]:
     """Chains for every (seed, question) in one batched expansion; scored per question."""
     ev = recipe.evaluation
-    sampling = SamplingConfig(n=ev.votes, m=1, l=1, temperature=ev.temperature, top_p=ev.top_p,
-                              max_new_tokens=ev.max_new_tokens)
+    sampling = SamplingConfig(
+        n=ev.votes,
+        m=1,
+        l=1,
+        temperature=ev.temperature,
+        top_p=ev.top_p,
+        max_new_tokens=ev.max_new_tokens,
+    )
     flat = [(seed, p) for seed, problems in problems_by_seed.items() for p in problems]
     log.info("evaluate %s: %d questions x %d chains", desc, len(flat), ev.votes)
     trees = expand_trees([p for _, p in flat], backend, sampling, adapters, seed=ev.seeds[0])
@@ -107,39 +130,70 @@ def run_system(problems_by_seed: dict[int, list[dict]], backend: InferenceBacken
     return scored
 
 
-def build_report(results: dict[str, dict[int, list[dict]]], seeds: list[int], notes: dict) -> dict[str, Any]:
+def build_report(
+    results: dict[str, dict[int, list[dict]]], seeds: list[int], notes: dict
+) -> dict[str, Any]:
     settings = []
     for name, system, turn, vote in SETTINGS:
         key = f"{turn}_mv" if vote else turn
-        per_seed = [sum(q[key] for q in results[system][s]) / max(1, len(results[system][s])) for s in seeds]
+        per_seed = [
+            sum(q[key] for q in results[system][s]) / max(1, len(results[system][s])) for s in seeds
+        ]
         mean, std = mean_std(per_seed)
-        settings.append({"setting": name, "system": system, "mean": mean, "std": std, "per_seed": per_seed,
-                         "n_questions": len(results[system][seeds[0]]), "seeds": seeds,
-                         "tokens": sum(q["tokens"][key] for s in seeds for q in results[system][s])})
+        settings.append(
+            {
+                "setting": name,
+                "system": system,
+                "mean": mean,
+                "std": std,
+                "per_seed": per_seed,
+                "n_questions": len(results[system][seeds[0]]),
+                "seeds": seeds,
+                "tokens": sum(q["tokens"][key] for s in seeds for q in results[system][s]),
+            }
+        )
     turnwise, flips = {}, {}
     for system, by_seed in results.items():
         questions = [q for s in seeds for q in by_seed[s]]
-        turnwise[system] = [sum(q["turns"][i] for q in questions) / max(1, len(questions)) for i in range(3)]
-        flips[system] = {"wrong_to_right": sum(q["wrong_to_right"] for q in questions),
-                         "right_to_wrong": sum(q["right_to_wrong"] for q in questions),
-                         "chains": sum(q["chains"] for q in questions)}
+        turnwise[system] = [
+            sum(q["turns"][i] for q in questions) / max(1, len(questions)) for i in range(3)
+        ]
+        flips[system] = {
+            "wrong_to_right": sum(q["wrong_to_right"] for q in questions),
+            "right_to_wrong": sum(q["right_to_wrong"] for q in questions),
+            "chains": sum(q["chains"] for q in questions),
+        }
     return {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| setting | accuracy % (mean ± std) | per seed | questions | tokens |", "|---|---|---|---|---|"]
+    lines = [
+        "| setting | accuracy % (mean ± std) | per seed | questions | tokens |",
+        "|---|---|---|---|---|",
+    ]
     for s in report["settings"]:
         seeds = ", ".join(f"{v * 100:.1f}" for v in s["per_seed"])
-        lines.append(f"| {s['setting']} | {s['mean'] * 100:.2f} ± {s['std'] * 100:.2f} | {seeds} | "
-                     f"{s['n_questions']} | {s['tokens']} |")
-    lines += ["", "| system | after G % | after V % | after R % | wrong→right | right→wrong | chains |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {s['setting']} | {s['mean'] * 100:.2f} ± {s['std'] * 100:.2f} | {seeds} | "
+            f"{s['n_questions']} | {s['tokens']} |"
+        )
+    lines += [
+        "",
+        "| system | after G % | after V % | after R % | wrong→right | right→wrong | chains |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for system, turns in report["turnwise"].items():
         flips = report["flips"][system]
-        lines.append(f"| {system} | " + " | ".join(f"{t * 100:.1f}" for t in turns)
-                     + f" | {flips['wrong_to_right']} | {flips['right_to_wrong']} | {flips['chains']} |")
+        lines.append(
+            f"| {system} | "
+            + " | ".join(f"{t * 100:.1f}" for t in turns)
+            + f" | {flips['wrong_to_right']} | {flips['right_to_wrong']} | {flips['chains']} |"
+        )
     if report.get("untrained"):
-        lines += ["", f"Untrained (no data to learn from; base model used): {', '.join(report['untrained'])}."]
+        lines += [
+            "",
+            f"Untrained (no data to learn from; base model used): {', '.join(report['untrained'])}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +203,9 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         return done
     prepared = stage_output(recipe, run_id, "prepare")
     if not prepared.done():
-        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
+        raise MaltError(
+            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
+        )
     test = list(iter_jsonl(out.store, prepared.key("problems/test.jsonl")))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")
@@ -171,18 +227,31 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
     table = format_table(report)
     out.write_json("report.json", report)
     out.write_bytes("table.md", table.encode())
-    out.write_jsonl("per_question.jsonl", [{"system": system, "seed": seed, **q}
-                                           for system, by_seed in results.items()
-                                           for seed, questions in by_seed.items() for q in questions])
+    out.write_jsonl(
+        "per_question.jsonl",
+        [
+            {"system": system, "seed": seed, **q}
+            for system, by_seed in results.items()
+            for seed, questions in by_seed.items()
+            for q in questions
+        ],
+    )
     from malt_ops.plots import accuracy_bars, turnwise_lines
 
     with tempfile.TemporaryDirectory() as scratch:
-        bars = accuracy_bars([(s["setting"], s["mean"], s["std"]) for s in report["settings"]],
-                             f"{recipe.data.benchmark}: accuracy per setting", Path(scratch) / "accuracy.png")
-        lines = turnwise_lines(report["turnwise"], "turn-wise accuracy", Path(scratch) / "turnwise.png")
+        bars = accuracy_bars(
+            [(s["setting"], s["mean"], s["std"]) for s in report["settings"]],
+            f"{recipe.data.benchmark}: accuracy per setting",
+            Path(scratch) / "accuracy.png",
+        )
+        lines = turnwise_lines(
+            report["turnwise"], "turn-wise accuracy", Path(scratch) / "turnwise.png"
+        )
         out.write_bytes("plots/accuracy.png", bars.read_bytes())
         out.write_bytes("plots/turnwise.png", lines.read_bytes())
     summary = {s["setting"]: {"mean": s["mean"], "std": s["std"]} for s in report["settings"]}
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
-    print(f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}")
+    print(
+        f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"
+    )
     return report

@@ -74,10 +74,17 @@ def label_trees(
             no_positive += 1
         for node in nodes:
             if node["role"] == "generator" and node.get("correct") and node["id"] in usable:
-                datasets["star_sft"].append({
-                    "messages": [*generator_messages(problem), {"role": "assistant", "content": node["text"]}],
-                    "question_id": problem["id"], "node_id": node["id"], "value": 1.0,
-                })
+                datasets["star_sft"].append(
+                    {
+                        "messages": [
+                            *generator_messages(problem),
+                            {"role": "assistant", "content": node["text"]},
+                        ],
+                        "question_id": problem["id"],
+                        "node_id": node["id"],
+                        "value": 1.0,
+                    }
+                )
                 per_role["star"]["positives"] += 1
             label = labels[node["id"]]
             stats = per_role[node["role"]]

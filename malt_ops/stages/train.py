@@ -20,8 +20,10 @@ from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.storage import iter_jsonl
 
 STAGE = "train"
-HELP = ("Train one role's LoRA adapter with TRL: SFT (generator, star) or SFT then DPO against the "
-        "SFT adapter (verifier, refiner); writes train/adapters/<role>/.")
+HELP = (
+    "Train one role's LoRA adapter with TRL: SFT (generator, star) or SFT then DPO against the "
+    "SFT adapter (verifier, refiner); writes train/adapters/<role>/."
+)
 
 
 def adapter_key(run_id: str, role: str) -> str:
@@ -44,11 +46,23 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         raise MaltError(f"label has not finished for run '{run_id}': run `malt-ops label` first")
     cfg = getattr(recipe.training, role)
     positives = list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_sft.jsonl")))
-    pairs = [] if role == "star" else list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_dpo.jsonl")))
-    summary: dict[str, Any] = {"role": role, "sft_rows": len(positives), "dpo_rows": len(pairs) if cfg.dpo else 0,
-                               "trained": False, "phases": [], "skipped_reason": None}
+    pairs = (
+        []
+        if role == "star"
+        else list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_dpo.jsonl")))
+    )
+    summary: dict[str, Any] = {
+        "role": role,
+        "sft_rows": len(positives),
+        "dpo_rows": len(pairs) if cfg.dpo else 0,
+        "trained": False,
+        "phases": [],
+        "skipped_reason": None,
+    }
     if not positives:
-        summary["skipped_reason"] = f"no positive {role} samples to fine-tune on; {role} stays untrained"
+        summary["skipped_reason"] = (
+            f"no positive {role} samples to fine-tune on; {role} stays untrained"
+        )
         log.warning("train %s: %s", role, summary["skipped_reason"])
         out.write_json(f"metrics/{role}.json", summary)
         out.commit(summary)
@@ -71,7 +85,12 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         final = result.adapter_dir
         del result
         if cfg.dpo and pairs:
-            log.info("train %s: DPO on %d pairs (beta %.2f, reference = SFT adapter)", role, len(pairs), cfg.beta)
+            log.info(
+                "train %s: DPO on %d pairs (beta %.2f, reference = SFT adapter)",
+                role,
+                len(pairs),
+                cfg.beta,
+            )
             dpo = train_dpo(model_dir, final, pairs, cfg, scratch_dir, seed=recipe.training.seed)
             histories["dpo"] = dpo.history
             summary["phases"].append("dpo")
@@ -79,12 +98,24 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
             final = dpo.adapter_dir
             del dpo
         elif cfg.dpo:
-            summary["skipped_reason"] = f"no preference pairs for {role}: DPO skipped, SFT adapter kept"
+            summary["skipped_reason"] = (
+                f"no preference pairs for {role}: DPO skipped, SFT adapter kept"
+            )
             log.warning("train %s: %s", role, summary["skipped_reason"])
         (final / "README.md").unlink(missing_ok=True)
-        (final / "training_summary.json").write_text(json.dumps(
-            {"role": role, "base_model": recipe.model.name if recipe.model.source == "packaged" else recipe.model.path,
-             "recipe_digest": recipe.digest(), "phases": summary["phases"]}, indent=2))
+        (final / "training_summary.json").write_text(
+            json.dumps(
+                {
+                    "role": role,
+                    "base_model": recipe.model.name
+                    if recipe.model.source == "packaged"
+                    else recipe.model.path,
+                    "recipe_digest": recipe.digest(),
+                    "phases": summary["phases"],
+                },
+                indent=2,
+            )
+        )
         out.put_dir(f"adapters/{role}", final)
         plot = loss_curves(histories, f"{role} training loss", scratch_dir / f"{role}_loss.png")
         out.write_bytes(f"plots/{role}_loss.png", plot.read_bytes())
@@ -93,6 +124,11 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     summary["wall_seconds"] = time.perf_counter() - started
     out.write_json(f"metrics/{role}.json", {**summary, "history": histories})
     out.commit(summary)
-    log.info("train %s: done in %.0fs (%s), adapter in %s", role, summary["wall_seconds"],
-             " + ".join(summary["phases"]), out.store.uri(out.key(f"adapters/{role}")))
+    log.info(
+        "train %s: done in %.0fs (%s), adapter in %s",
+        role,
+        summary["wall_seconds"],
+        " + ".join(summary["phases"]),
+        out.store.uri(out.key(f"adapters/{role}")),
+    )
     return summary
