@@ -127,12 +127,18 @@ def train_dpo(
 
     model, tokenizer = _load(model_dir)
     policy = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
-    args = DPOConfig(
-        **_common_args(
-            cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
-        ),
-        beta=cfg.beta,
+    common = _common_args(
+        cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
     )
+    # A pair is two sequences (chosen, rejected): run half as many pairs per forward pass and
+    # accumulate twice as often, so a DPO step holds as many sequences in memory as an SFT step
+    # while each optimizer step still sees batch_size pairs.
+    pairs_per_forward = max(1, cfg.batch_size // 2)
+    common["per_device_train_batch_size"] = pairs_per_forward
+    common["gradient_accumulation_steps"] = cfg.grad_accum * max(
+        1, round(cfg.batch_size / pairs_per_forward)
+    )
+    args = DPOConfig(**common, beta=cfg.beta)
     rows = [
         {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs
     ]
