@@ -47,6 +47,7 @@ style: setup
 
 bench: setup
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) .state

@@ -221,11 +221,18 @@ def load_reasoning_gym(cfg: DataConfig) -> Splits:
 
 
 def _read_table(path: str) -> list[dict[str, Any]]:
-    local = Path(path).expanduser()
     if path.startswith("s3://"):
-        raise MaltError(
-            f"{path}: s3:// sources need the S3 store (not available yet); use a local path"
-        )
+        import tempfile
+
+        from malt_ops.s3 import download
+
+        with tempfile.TemporaryDirectory(prefix="malt-data-") as scratch:
+            local = download(path, Path(scratch) / Path(path).name)
+            return _read_local_table(path, local)
+    return _read_local_table(path, Path(path).expanduser())
+
+
+def _read_local_table(path: str, local: Path) -> list[dict[str, Any]]:
     if not local.is_file():
         raise MaltError(f"data file {path} does not exist")
     if local.suffix == ".parquet":

@@ -153,7 +153,9 @@ class LocalStore(Store):
 
 def open_store(root: str) -> Store:
     if root.startswith("s3://"):
-        raise MaltError("storage.root s3:// is not supported yet: use a local directory")
+        from malt_ops.s3 import S3Store
+
+        return S3Store(root)
     return LocalStore(root)
 
 

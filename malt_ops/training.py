@@ -51,6 +51,7 @@ def _common_args(
         "data_seed": seed,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,
         "lr_scheduler_type": "cosine",
         "warmup_steps": cfg.warmup_ratio,

@@ -1,0 +1,180 @@
+"""S3 (or any S3-compatible server) behind the Store interface.
+
+Endpoint, region and credentials come from the environment, never from the recipe:
+``MALT_OPS_S3_ENDPOINT_URL`` (or boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``),
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and boto3's usual credential chain
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
+An object appears whole or not at all, so writes need no temporary names; large objects
+go up in parts, and transient errors are retried with backoff by botocore.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from functools import cached_property
+from pathlib import Path
+
+from malt_ops.errors import MaltError
+from malt_ops.storage import Store
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    if not uri.startswith("s3://"):
+        raise MaltError(f"'{uri}' is not an s3:// URI")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise MaltError(f"'{uri}' names no bucket: use s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 8, "mode": "adaptive"},
+        connect_timeout=10,
+        read_timeout=120,
+        s3={"addressing_style": "path"},
+    )
+    endpoint = os.environ.get("MALT_OPS_S3_ENDPOINT_URL") or None
+    # A fresh session per client: boto3's default session caches credentials for the process.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _explain(exc: Exception, bucket: str, key: str) -> MaltError:
+    """Turn a botocore error into one line that says what to fix (never the credentials)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if isinstance(exc, NoCredentialsError):
+        return MaltError(
+            f"{where}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return MaltError(f"{where}: cannot reach the S3 endpoint: check MALT_OPS_S3_ENDPOINT_URL")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return MaltError(f"bucket '{bucket}' does not exist: create it or fix storage.root")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return MaltError(f"{where} does not exist: run the stage that writes it first")
+        if code in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "403",
+            "Forbidden",
+        ):
+            return MaltError(
+                f"{where}: access denied ({code}): check the S3 credentials in the environment"
+            )
+        return MaltError(f"{where}: S3 error {code or type(exc).__name__}")
+    return MaltError(
+        f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    )
+
+
+class S3Store(Store):
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.bucket, self.prefix = split_uri(self.root)
+
+    @cached_property
+    def client(self):
+        return s3_client()
+
+    def _key(self, key: str) -> str:
+        if ".." in key.split("/"):
+            raise MaltError(f"store key '{key}' escapes storage.root")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, key: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, self.bucket, self._key(key)) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
+        )
+        self._call(
+            key,
+            self.client.upload_fileobj,
+            io.BytesIO(data),
+            self.bucket,
+            self._key(key),
+            Config=transfer,
+        )
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Stream a local file (multipart above the threshold) without reading it into memory."""
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
+        )
+        self._call(
+            key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=transfer
+        )
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _explain(exc, self.bucket, self._key(key)) from None
+        except Exception as exc:
+            raise _explain(exc, self.bucket, self._key(key)) from None
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = []
+        pages = self._call(
+            prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full))
+        )
+        for page in pages:
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[strip:] for k in keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        if self.exists(prefix):
+            keys.append(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self._call(
+                prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
+            )
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def download(uri: str, target: Path) -> Path:
+    """Fetch one s3:// object to a local file (for data sources given as s3:// paths)."""
+    bucket, key = split_uri(uri)
+    store = S3Store(f"s3://{bucket}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    store._call(key, store.client.download_file, bucket, key, str(target))
+    return target
