@@ -1,4 +1,7 @@
-"""MALT retraining: prepare -> sample (per shard) -> label -> train (per role, STaR beside) -> evaluate.
+"""MALT retraining: prepare -> sample (per shard) -> label -> train (per role, STaR beside)
+-> evaluate -> register -> promote.
+
+Each cycle samples with the current champion adapters, so cycle k improves on cycle k-1.
 
 Wiring only: every task calls a stage function through malt_ops.orchestration.
 """
@@ -11,14 +14,20 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 
 from malt_ops.config import TRAINED
-from malt_ops.orchestration import call_stage, dag_recipe_path, load_dag_recipe, shard_ids
+from malt_ops.orchestration import (
+    call_stage,
+    dag_recipe_path,
+    dag_schedule,
+    load_dag_recipe,
+    shard_ids,
+)
 
 recipe = load_dag_recipe()
 
 with DAG(
     dag_id="malt_retraining",
     description="Sample MALT trees, label them, train generator/verifier/refiner adapters and evaluate.",
-    schedule=recipe.schedule.cron,
+    schedule=dag_schedule(recipe),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -61,6 +70,14 @@ with DAG(
     def evaluate(malt_run_id: str, **context) -> str:
         return call_stage("evaluate", context)
 
+    @task
+    def register(malt_run_id: str, **context) -> str:
+        return call_stage("register", context)
+
+    @task
+    def promote(malt_run_id: str, **context) -> str:
+        return call_stage("promote", context)
+
     malt_run_id = prepare()
     sampled = sample.partial(malt_run_id=malt_run_id).expand(shard=shards(malt_run_id))
     labeled = label(malt_run_id)
@@ -68,3 +85,4 @@ with DAG(
     evaluated = evaluate(malt_run_id)
     sampled >> labeled
     trained >> evaluated
+    promote(register(evaluated))

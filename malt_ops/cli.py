@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from malt_ops.config import Recipe, load_recipe
+from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
-from malt_ops.stages import evaluate, label, prepare, sample, train
+from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
 from malt_ops.storage import validate_run_id
 
 DEFAULT_RECIPE = "recipes/local.yaml"
@@ -61,12 +61,28 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate.run(_recipe(args), validate_run_id(args.run_id))
 
 
+def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
+    return register.run(_recipe(args), validate_run_id(args.run_id))
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    return promote.run(_recipe(args), validate_run_id(args.run_id))
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    previous = promote.rollback(_recipe(args))
+    print("champion is now " + ", ".join(f"{role} v{version}" for role, version in previous.items()))
+    return previous
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _recipe(args)
     run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from malt_ops.pipeline import run_pipeline
 
-    return run_pipeline(recipe, args.recipe, args.overrides, run_id)
+    if args.cycles < 1:
+        raise MaltError(f"--cycles {args.cycles}: give 1 or more")
+    return run_pipeline(recipe, args.recipe, args.overrides, run_id, cycles=args.cycles)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of shards (default sampling.num_shards)",
     )
     add("label", label.HELP, cmd_label)
-    add(
-        "run",
-        "Run the pipeline stages in order for one run id; finished stages are skipped on rerun.",
-        cmd_run,
-        run_id_required=False,
-    )
+    sub = add("train", train.HELP, cmd_train)
+    sub.add_argument("--role", required=True, choices=TRAINED, help="which adapter to train")
+    add("evaluate", evaluate.HELP, cmd_evaluate)
+    add("register", register.HELP, cmd_register)
+    add("promote", promote.HELP, cmd_promote)
+    add("rollback", "Move alias 'champion' back to the set it replaced (all three roles together).",
+        cmd_rollback, run_id_required=False)
+    sub = add("run", "Run the whole pipeline: the Airflow DAG in dags/, in-process with Airflow's "
+              "dag.test(); finished stages are skipped on rerun.", cmd_run, run_id_required=False)
+    sub.add_argument("--cycles", type=int, default=1,
+                     help="retraining cycles back to back (run ids <run-id>-c1, -c2, ...); each "
+                          "samples with the champion the previous one left")
     return parser
 
 

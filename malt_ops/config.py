@@ -116,8 +116,11 @@ class SamplingConfig(_Section):
     max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
     num_shards: int = Field(default=1, gt=0)
     seed: int = 0
+    policy: Literal["champion", "adapters"] = "champion"
+    """champion: sample with the registry's champion set (the base model when there is none);
+    adapters: use sampling.adapters."""
     adapters: RoleAdapters = Field(default_factory=RoleAdapters)
-    """Adapter directories of the sampling policy per role; null = base model with role prompt."""
+    """Adapter directories per role for policy 'adapters'; null = base model with role prompt."""
 
 
 class LabelingConfig(_Section):
@@ -186,6 +189,29 @@ class ScheduleConfig(_Section):
     retry_delay_minutes: float = Field(default=5, ge=0)
 
 
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; ``MLFLOW_TRACKING_URI`` in the environment wins. Default: SQLite in run.state_dir."""
+    experiment: str = "malt-ops"
+    model_prefix: str = "malt"
+    """Registered models are <model_prefix>-generator, -verifier, -refiner."""
+
+
+class PromotionConfig(_Section):
+    gate_setting: str = "MALT"
+    """The Table 1 setting on which challenger and champion are compared."""
+    baseline_setting: str = "MA+MV"
+    """With no champion yet, the challenger must beat this setting of the untrained base model."""
+    test: Literal["mcnemar", "bootstrap"] = "mcnemar"
+    alpha: float = Field(default=0.05, gt=0, le=1)
+    min_effect: float = Field(default=0.0, ge=-1, le=1)
+    """Promote only when challenger accuracy minus reference accuracy exceeds this."""
+    require_significance: bool = True
+    """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
+    bootstrap_samples: int = Field(default=10_000, gt=0)
+
+
 class Recipe(_Section):
     name: str = "recipe"
     run: RunConfig = Field(default_factory=RunConfig)
@@ -198,6 +224,8 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @field_validator("name")
     @classmethod

@@ -65,3 +65,24 @@ def call_stage(stage: str, context: dict[str, Any], **kwargs: Any) -> str:
 
 def shard_ids(context: dict[str, Any]) -> list[int]:
     return list(range(recipe_for(context).sampling.num_shards))
+
+
+def training_set_asset_uri(recipe: Recipe) -> str | None:
+    """The Airflow Asset URI of the training set, when it is a file that new data can land in."""
+    path = recipe.data.train_path if recipe.data.source == "file" else None
+    if not path:
+        return None
+    return path if "://" in path else f"file://{Path(path).expanduser().resolve()}"
+
+
+def dag_schedule(recipe: Recipe) -> Any:
+    """The recipe's cron, or'ed with the training-set Asset: new data also starts a cycle."""
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    uri = training_set_asset_uri(recipe)
+    cron = recipe.schedule.cron
+    if uri is None:
+        return cron
+    if cron is None:
+        return [Asset(uri)]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[Asset(uri)])

@@ -64,37 +64,35 @@ def load_dag():
     return dag
 
 
-def run_pipeline(
-    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str
-) -> dict[str, Any]:
+def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str,
+                 cycles: int = 1) -> list[dict[str, Any]]:
+    """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left."""
+    from malt_ops.tracking import finish_pipeline
+
     os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
     prepare_airflow_home(recipe.run.state_dir)
     dag = load_dag()
-    conf = {
-        "recipe": str(Path(recipe_path).resolve()),
-        "run_id": run_id,
-        "overrides": list(overrides),
-    }
-    dag_run = dag.test(run_conf=conf)
-    state = str(getattr(dag_run, "state", "unknown"))
     store = open_store(recipe.storage.root)
-    outputs = store.uri(run_prefix(run_id, "")).rstrip("/")
-    failed = (
-        [
-            ti.task_id
-            for ti in dag_run.get_task_instances()
-            if str(ti.state) not in ("success", "skipped")
-        ]
-        if hasattr(dag_run, "get_task_instances")
-        else []
-    )
-    if "success" not in state:
-        raise MaltError(
-            f"run {run_id} did not succeed (state {state}; tasks not done: {failed or 'see log'}); "
-            f"rerun the same command to resume, finished stages are skipped"
-        )
-    table_key = f"{run_prefix(run_id, 'evaluate')}/table.md"
-    if store.exists(table_key):
-        print(f"\n{store.read_text(table_key)}")
-    print(f"run {run_id}: outputs in {outputs}")
-    return {"run_id": run_id, "state": state, "outputs": outputs}
+    results = []
+    for cycle in range(1, cycles + 1):
+        cycle_id = run_id if cycles == 1 else f"{run_id}-c{cycle}"
+        conf = {"recipe": str(Path(recipe_path).resolve()), "run_id": cycle_id, "overrides": list(overrides)}
+        if cycles > 1:
+            log.info("retraining cycle %d of %d: run %s", cycle, cycles, cycle_id)
+        dag_run = dag.test(run_conf=conf)
+        state = str(getattr(dag_run, "state", "unknown"))
+        if "success" not in state:
+            finish_pipeline(recipe, cycle_id, "FAILED")
+            raise MaltError(f"run {cycle_id} did not succeed (state {state}); rerun the same command to "
+                            "resume: finished stages are skipped")
+        outputs = store.uri(run_prefix(cycle_id, "")).rstrip("/")
+        table_key = f"{run_prefix(cycle_id, 'evaluate')}/table.md"
+        if store.exists(table_key):
+            print(f"\n{store.read_text(table_key)}")
+        decision_key = f"{run_prefix(cycle_id, 'promote')}/decision.json"
+        if store.exists(decision_key):
+            decision = store.read_json(decision_key)
+            print(f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} — {decision['reason']}")
+        print(f"run {cycle_id}: outputs in {outputs}")
+        results.append({"run_id": cycle_id, "state": state, "outputs": outputs})
+    return results

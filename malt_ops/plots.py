@@ -70,3 +70,22 @@ def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def value_histograms(histograms: dict[str, list[int]], threshold: float, path: Path) -> Path:
+    """Per role: how many outputs got each value (10 bins over [0, 1]), with the threshold marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(histograms), figsize=(4 * len(histograms), 3.2), squeeze=False)
+    for ax, (role, counts) in zip(axes[0], histograms.items(), strict=True):
+        edges = [i / len(counts) for i in range(len(counts))]
+        ax.bar(edges, counts, width=1 / len(counts), align="edge", color="#55a868", edgecolor="white")
+        ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold}")
+        ax.set_title(role)
+        ax.set_xlabel("value V")
+        ax.set_xlim(0, 1)
+    axes[0][0].set_ylabel("outputs")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

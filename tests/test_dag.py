@@ -23,7 +23,8 @@ def test_no_import_errors(dagbag):
 
 def test_tasks_and_dependencies(dagbag):
     dag = dagbag.dags["malt_retraining"]
-    assert set(dag.task_ids) == {"prepare", "shards", "sample", "label", "train", "evaluate"}
+    assert set(dag.task_ids) == {"prepare", "shards", "sample", "label", "train", "evaluate", "register",
+                                 "promote"}
     downstream = {
         task_id: set(dag.get_task(task_id).downstream_task_ids) for task_id in dag.task_ids
     }
@@ -32,7 +33,9 @@ def test_tasks_and_dependencies(dagbag):
     assert downstream["sample"] == {"label"}
     assert downstream["label"] == {"train"}
     assert downstream["train"] == {"evaluate"}
-    assert downstream["evaluate"] == set()
+    assert downstream["evaluate"] == {"register"}
+    assert downstream["register"] == {"promote"}
+    assert downstream["promote"] == set()
 
 
 def test_schedule_tags_retries_and_params(dagbag):
@@ -52,4 +55,19 @@ def test_dag_file_is_wiring_only():
     # Tasks delegate to stage functions; no model, data or training code lives in the DAG.
     for forbidden in ("transformers", "torch", "trl", "open(", "jsonl"):
         assert forbidden not in source
-    assert source.count("call_stage(") == 5
+    assert source.count("call_stage(") == 7
+
+
+def test_new_training_data_also_triggers_a_cycle(tmp_path):
+    from airflow.sdk import AssetOrTimeSchedule
+
+    from malt_ops.config import load_recipe
+    from malt_ops.orchestration import dag_schedule
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("")
+    recipe = load_recipe(LOCAL_RECIPE, ["data.source=file", f"data.train_path={train}"])
+    schedule = dag_schedule(recipe)
+    assert isinstance(schedule, AssetOrTimeSchedule)
+    assert [a.uri for a in schedule.asset_condition.objects] == [f"file://{train}"]
+    assert dag_schedule(load_recipe(LOCAL_RECIPE)) == "@weekly"

@@ -22,6 +22,7 @@ from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl
+from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "evaluate"
 HELP = (
@@ -197,21 +198,33 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]:
+    """The random test subset of each evaluation seed (the same for every system compared)."""
+    prepared = stage_output(recipe, run_id, "prepare")
+    if not prepared.done():
+        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
+    test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
+    if not test:
+        raise MaltError("the test split is empty: set data.test_size or data.test_path")
+    size = min(recipe.evaluation.subset_size, len(test))
+    return {seed: random.Random(seed).sample(test, size) for seed in recipe.evaluation.seeds}
+
+
+def setting_key(setting: str) -> tuple[str, str]:
+    """(system, per-question key) of a Table 1 setting name, e.g. 'MALT' -> ('malt', 'refiner_mv')."""
+    for name, system, turn, vote in SETTINGS:
+        if name == setting:
+            return system, f"{turn}_mv" if vote else turn
+    raise MaltError(f"'{setting}' is not a Table 1 setting (one of {', '.join(n for n, *_ in SETTINGS)})")
+
+
 def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
         return done
-    prepared = stage_output(recipe, run_id, "prepare")
-    if not prepared.done():
-        raise MaltError(
-            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
-        )
-    test = list(iter_jsonl(out.store, prepared.key("problems/test.jsonl")))
-    if not test:
-        raise MaltError("the test split is empty: set data.test_size or data.test_path")
+    problems_by_seed = test_subsets(recipe, run_id)
+    size = len(next(iter(problems_by_seed.values())))
     ev = recipe.evaluation
-    size = min(ev.subset_size, len(test))
-    problems_by_seed = {seed: random.Random(seed).sample(test, size) for seed in ev.seeds}
     backend = backend or create_backend(recipe)
     systems, notes = system_adapters(recipe, run_id, backend)
     results: dict[str, dict[int, list[dict]]] = {}
@@ -251,6 +264,12 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         out.write_bytes("plots/turnwise.png", lines.read_bytes())
     summary = {s["setting"]: {"mean": s["mean"], "std": s["std"]} for s in report["settings"]}
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
+    metrics = {f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")}
+    metrics |= {f"turnwise.{system}.{turn}": value for system, values in report["turnwise"].items()
+                for turn, value in zip(("after_G", "after_V", "after_R"), values, strict=True)}
+    metrics |= {f"flips.{system}.{kind}": count for system, flips in report["flips"].items()
+                for kind, count in flips.items()}
+    log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     print(
         f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"
     )

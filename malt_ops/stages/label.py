@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from malt_ops.config import ROLES, LabelingConfig, Recipe
 from malt_ops.errors import MaltError
+from malt_ops.plots import value_histograms
 from malt_ops.prompts import Messages, generator_messages, refiner_messages, verifier_messages
 from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.storage import iter_jsonl
+from malt_ops.tracking import log_stage, stage_artifacts
 from malt_ops.tree import assign_values, sibling_pairs
 
 STAGE = "label"
+HISTOGRAM_BINS = 10
 HELP = (
     "Propagate leaf rewards up each tree (value iteration) and write per-role SFT and DPO datasets."
 )
@@ -57,6 +62,7 @@ def label_trees(
     # STaR baseline: generator outputs whose own answer is right, regardless of the chain.
     datasets["star_sft"] = []
     per_role = {role: Counter() for role in (*ROLES, "star")}
+    histograms = {role: [0] * HISTOGRAM_BINS for role in ROLES}
     skipped: Counter = Counter()
     no_positive = 0
     for tree in trees:
@@ -66,6 +72,9 @@ def label_trees(
         problem, nodes = tree["problem"], tree["nodes"]
         by_id = {n["id"]: n for n in nodes}
         labels = assign_values(nodes, cfg.pooling, cfg.threshold)
+        for node in nodes:
+            bucket = min(HISTOGRAM_BINS - 1, int(labels[node["id"]].value * HISTOGRAM_BINS))
+            histograms[node["role"]][bucket] += 1
         # A truncated or empty output is never taught as good, though it may be the rejected side.
         usable = {
             n["id"] for n in nodes if n.get("finished", True) and (n.get("text") or "").strip()
@@ -126,6 +135,7 @@ def label_trees(
         "questions": len(trees) - sum(skipped.values()),
         "questions_without_positive": no_positive,
         "skipped": dict(skipped),
+        "value_histograms": histograms,
         "roles": {
             role: {
                 k: per_role[role].get(k, 0)
@@ -155,7 +165,13 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     for name, rows in datasets.items():
         out.write_jsonl(f"datasets/{name}.jsonl", rows)
     out.write_json("stats.json", stats)
+    with tempfile.TemporaryDirectory() as scratch:
+        plot = value_histograms(stats["value_histograms"], recipe.labeling.threshold, Path(scratch) / "values.png")
+        out.write_bytes("plots/values.png", plot.read_bytes())
     out.commit(stats)
+    metrics = {f"{role}.{kind}": s[kind] for role, s in stats["roles"].items() for kind in ("positives", "negatives", "pairs")}
+    metrics |= {"star.positives": stats["star"]["positives"], "questions_without_positive": stats["questions_without_positive"]}
+    log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     rows = [
         f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"
         for role, s in stats["roles"].items()

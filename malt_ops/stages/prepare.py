@@ -8,6 +8,7 @@ from malt_ops.config import Recipe
 from malt_ops.data import load_splits
 from malt_ops.errors import MaltError
 from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "prepare"
 HELP = "Load the benchmark (packaged copy, file or hub), normalize and split it into problems/{train,test}.jsonl."
@@ -34,6 +35,9 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     }
     out.write_json("stats.json", summary)
     out.commit(summary)
+    log_stage(recipe, run_id, STAGE, metrics={"train_problems": len(splits.train), "test_problems": len(splits.test),
+                                              "skipped_rows": sum(splits.skipped.values())},
+              artifacts=stage_artifacts(out))
     for note in splits.notes:
         log.info("prepare: %s", note)
     log.info(

@@ -17,6 +17,7 @@ from malt_ops.grading import grade_many
 from malt_ops.prompts import generator_messages, refiner_messages, verifier_messages
 from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.storage import iter_jsonl
+from malt_ops.tracking import log_stage
 
 STAGE = "sample"
 HELP = "Sample n generator x m verifier x l refiner trajectories per training question (one shard) into trees/shard-K.jsonl."
@@ -26,13 +27,24 @@ def shard_of(problems: list[dict[str, Any]], shard: int, num_shards: int) -> lis
     return [p for i, p in enumerate(problems) if i % num_shards == shard]
 
 
-def load_policy_adapters(
-    backend: InferenceBackend, sampling: SamplingConfig
-) -> dict[str, str | None]:
+def policy_adapter_paths(recipe: Recipe) -> dict[str, str | None]:
+    """role -> adapter directory of the sampling policy (None = base model with the role prompt)."""
+    if recipe.sampling.policy == "champion":
+        from malt_ops.registry import champion_adapters
+
+        champion = champion_adapters(recipe)
+        if champion is not None:
+            return dict(champion)
+        log.info("sample: no champion set yet; sampling with the base model")
+        return dict.fromkeys(ROLES)
+    return {role: getattr(recipe.sampling.adapters, role) for role in ROLES}
+
+
+def load_policy_adapters(backend: InferenceBackend, paths: dict[str, str | None]) -> dict[str, str | None]:
     """Load the sampling policy's role adapters; returns role -> adapter name (None = base model)."""
     names: dict[str, str | None] = {}
     for role in ROLES:
-        path = getattr(sampling.adapters, role)
+        path = paths[role]
         if path is None:
             names[role] = None
             continue
@@ -140,7 +152,8 @@ def run(
         list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
     )
     backend = backend or create_backend(recipe)
-    adapters = load_policy_adapters(backend, recipe.sampling)
+    policy = policy_adapter_paths(recipe)
+    adapters = load_policy_adapters(backend, policy)
     before = (backend.usage.completion_tokens, backend.usage.seconds)
     started = time.perf_counter()
     trees = (
@@ -164,10 +177,11 @@ def run(
         "unfinished_outputs": sum(not n["finished"] for t in trees for n in t["nodes"]),
         "empty_outputs": sum(not n["text"] for t in trees for n in t["nodes"]),
         "wall_seconds": time.perf_counter() - started,
-        "policy": {role: getattr(recipe.sampling.adapters, role) for role in ROLES},
+        "policy": policy,
     }
     out.write_jsonl(f"trees/shard-{shard}.jsonl", trees)
     out.commit(summary)
+    log_stage(recipe, run_id, STAGE, f"shard-{shard}", metrics=summary)
     log.info(
         "sample shard %d/%d: %d questions, %d nodes, leaf accuracy %.3f, %d tokens at %.1f tok/s",
         shard,

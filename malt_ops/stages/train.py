@@ -18,6 +18,7 @@ from malt_ops.config import TRAINED, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.storage import iter_jsonl
+from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "train"
 HELP = (
@@ -66,6 +67,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         log.warning("train %s: %s", role, summary["skipped_reason"])
         out.write_json(f"metrics/{role}.json", summary)
         out.commit(summary)
+        log_stage(recipe, run_id, STAGE, role, metrics=summary, artifacts=stage_artifacts(out))
         return summary
 
     from malt_ops.models import resolve_model_dir
@@ -124,6 +126,9 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     summary["wall_seconds"] = time.perf_counter() - started
     out.write_json(f"metrics/{role}.json", {**summary, "history": histories})
     out.commit(summary)
+    series = {f"{phase}_loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+              for phase, history in histories.items()}
+    log_stage(recipe, run_id, STAGE, role, metrics=summary, series=series, artifacts=stage_artifacts(out))
     log.info(
         "train %s: done in %.0fs (%s), adapter in %s",
         role,

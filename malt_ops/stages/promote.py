@@ -1,0 +1,134 @@
+"""promote: move `champion` to the challenger set only if it wins a paired test.
+
+The challenger (this run's MALT system) and the current champion are evaluated on the same
+test questions and seeds; with no champion yet, the challenger must beat the untrained base
+model's baseline setting (MA+MV). The three roles move together or not at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from malt_ops.config import ROLES, Recipe
+from malt_ops.errors import MaltError
+from malt_ops.registry import (
+    CHAMPION,
+    PREVIOUS_TAG,
+    alias_versions,
+    model_name,
+    move_alias,
+)
+from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
+from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.storage import iter_jsonl
+from malt_ops.tracking import client_for, finish_pipeline, log_stage
+
+STAGE = "promote"
+HELP = ("Compare the challenger set with the current champion on the same test questions and seeds "
+        "(paired test); move alias 'champion' only if the challenger wins.")
+
+
+def _per_question(recipe: Recipe, run_id: str, system: str, key: str) -> dict[tuple[int, str], bool]:
+    evaluated = stage_output(recipe, run_id, "evaluate")
+    rows = iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl"))
+    return {(r["seed"], r["question_id"]): bool(r[key]) for r in rows if r["system"] == system}
+
+
+def _champion_per_question(recipe: Recipe, run_id: str, champion: dict, key: str) -> dict[tuple[int, str], bool]:
+    """Run the champion set on this run's test subsets (same questions, same seeds)."""
+    from malt_ops.backends import create_backend
+    from malt_ops.registry import adapter_dir
+    from malt_ops.stages.evaluate import run_system, test_subsets
+
+    backend = create_backend(recipe)
+    adapters = {}
+    for role, version in champion.items():
+        name = f"champion-{role}-v{version.version}"
+        backend.add_adapter(name, str(adapter_dir(version.source)))
+        adapters[role] = name
+    scored = run_system(test_subsets(recipe, run_id), backend, adapters, recipe, "champion")
+    return {(seed, q["question_id"]): bool(q[key]) for seed, rows in scored.items() for q in rows}
+
+
+def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
+    pairs = sorted(set(challenger) & set(reference))
+    if not pairs:
+        raise MaltError("challenger and reference share no evaluated questions: rerun evaluate")
+    a = [challenger[k] for k in pairs]
+    b = [reference[k] for k in pairs]
+    cfg = recipe.promotion
+    p_value = (mcnemar_exact(a, b) if cfg.test == "mcnemar"
+               else paired_bootstrap(a, b, cfg.bootstrap_samples, seed=recipe.training.seed))
+    gain = effect(a, b)
+    significant = p_value < cfg.alpha
+    promote = gain > cfg.min_effect and (significant or not cfg.require_significance)
+    if promote:
+        why = f"challenger wins by {gain * 100:+.1f} points (p={p_value:.3g}, {cfg.test})"
+    elif gain <= cfg.min_effect:
+        why = f"challenger does not beat the reference ({gain * 100:+.1f} points, p={p_value:.3g})"
+    else:
+        why = f"gain {gain * 100:+.1f} points is not significant (p={p_value:.3g} >= alpha {cfg.alpha})"
+    return {"promoted": promote, "effect": gain, "p_value": p_value, "test": cfg.test, "alpha": cfg.alpha,
+            "pairs": len(pairs), "challenger_accuracy": sum(a) / len(a), "reference_accuracy": sum(b) / len(b),
+            "reason": why}
+
+
+def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
+    out = stage_output(recipe, run_id, STAGE)
+    if (done := already_done(out)) is not None:
+        return done
+    registered = stage_output(recipe, run_id, "register")
+    if not registered.done():
+        raise MaltError(f"register has not finished for run '{run_id}': run `malt-ops register` first")
+    versions = registered.manifest()["summary"].get("versions") or {}
+    from malt_ops.stages.evaluate import setting_key
+
+    system, key = setting_key(recipe.promotion.gate_setting)
+    client = client_for(recipe)
+    champion = alias_versions(recipe, CHAMPION, client)
+    if not versions:
+        decision = {"promoted": False, "reason": "no complete challenger set was registered", "reference": None}
+    elif champion and all(champion[r].version == versions[r] for r in ROLES):
+        decision = {"promoted": False, "reason": "the challenger already is the champion", "reference": "champion"}
+    else:
+        challenger = _per_question(recipe, run_id, system, key)
+        if champion:
+            reference = _champion_per_question(recipe, run_id, champion, key)
+            label = "champion " + ", ".join(f"{r} v{champion[r].version}" for r in ROLES)
+        else:
+            base_system, base_key = setting_key(recipe.promotion.baseline_setting)
+            reference = _per_question(recipe, run_id, base_system, base_key)
+            label = f"untrained base ({recipe.promotion.baseline_setting})"
+        decision = {**decide(challenger, reference, recipe), "reference": label,
+                    "gate_setting": recipe.promotion.gate_setting}
+        if decision["promoted"]:
+            previous = {r: (champion[r].version if champion else "") for r in ROLES}
+            for role in ROLES:
+                client.set_model_version_tag(model_name(recipe, role), versions[role], PREVIOUS_TAG, previous[role])
+            move_alias(recipe, CHAMPION, versions, client)
+    decision["challenger"] = versions
+    decision["champion_before"] = {r: v.version for r, v in champion.items()} if champion else None
+    out.write_json("decision.json", decision)
+    out.commit(decision)
+    log_stage(recipe, run_id, STAGE, metrics={k: decision[k] for k in ("effect", "p_value") if k in decision}
+              | {"promoted": float(decision["promoted"])}, artifacts={"decision.json": out.store.read_bytes(
+                  out.key("decision.json"))})
+    finish_pipeline(recipe, run_id)
+    verdict = "PROMOTED" if decision["promoted"] else "not promoted"
+    print(f"\npromote: {verdict} — {decision['reason']}"
+          + (f" vs {decision['reference']}" if decision.get("reference") else ""))
+    return decision
+
+
+def rollback(recipe: Recipe) -> dict[str, str]:
+    """Move `champion` back to the set it replaced (all three roles or none)."""
+    client = client_for(recipe)
+    champion = alias_versions(recipe, CHAMPION, client)
+    if champion is None:
+        raise MaltError("there is no champion set to roll back")
+    previous = {r: champion[r].tags.get(PREVIOUS_TAG, "") for r in ROLES}
+    if not all(previous.values()):
+        raise MaltError("the champion set has no previous champion to roll back to")
+    move_alias(recipe, CHAMPION, previous, client)
+    log.info("rollback: champion moved back to %s", ", ".join(f"{r} v{v}" for r, v in previous.items()))
+    return previous

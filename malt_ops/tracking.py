@@ -1,0 +1,156 @@
+"""MLflow tracking: one parent run per pipeline run, a nested run per stage unit.
+
+The tracking URI follows MLflow's conventions: ``MLFLOW_TRACKING_URI`` (and
+``MLFLOW_REGISTRY_URI``) in the environment win over ``tracking.uri`` in the recipe; the
+default is a SQLite store under ``run.state_dir``. Tracking never loses a stage's work:
+outputs are committed to the store before anything is logged, and a tracking failure is
+reported as a warning naming the stage, not as a failed stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from malt_ops.config import Recipe
+
+log = logging.getLogger("malt_ops")
+
+RUN_TAG = "malt_ops.run_id"
+KIND_TAG = "malt_ops.kind"
+_SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "apikey", "api_key")
+_ARTIFACT_SUFFIXES = (".png", ".md", ".json")
+_MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
+
+
+def tracking_uri(recipe: Recipe) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if recipe.tracking.uri:
+        return recipe.tracking.uri
+    state = Path(recipe.run.state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state / 'mlflow.db'}"
+
+
+def client_for(recipe: Recipe):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(recipe), registry_uri=os.environ.get("MLFLOW_REGISTRY_URI")
+                        or tracking_uri(recipe))
+
+
+def metric_name(text: str) -> str:
+    """MLflow metric keys allow letters, digits, '_', '-', '.', ' ' and '/'; map the rest."""
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text.replace("+", "_").replace("w/o", "wo")).strip()
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted params from a nested recipe dump, leaving out anything that looks like a secret."""
+    flat: dict[str, str] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if any(word in name.lower() for word in _SECRET_WORDS):
+                continue
+            flat.update(flatten(item, name))
+    else:
+        flat[prefix] = str(value)[:500]
+    return flat
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by a concurrent task in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
+    """The pipeline's parent run (created with the recipe as params on first use)."""
+    from mlflow.entities import Param
+
+    experiment_id = _experiment_id(client, recipe.tracking.experiment)
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'"), max_results=1)
+    if found:
+        return found[0].info.run_id
+    parent = client.create_run(experiment_id, run_name=run_id, tags={
+        RUN_TAG: run_id, KIND_TAG: "pipeline", "malt_ops.recipe": recipe.name,
+        "malt_ops.recipe_digest": recipe.digest()})
+    params = [Param(k, v) for k, v in flatten(recipe.model_dump(mode="json")).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(parent.info.run_id, params=params[start : start + 100])
+    return parent.info.run_id
+
+
+def log_stage(recipe: Recipe, run_id: str, stage: str, unit: str | None = None, *,
+              metrics: dict[str, float] | None = None,
+              series: dict[str, Iterable[tuple[int, float]]] | None = None,
+              artifacts: dict[str, bytes] | None = None) -> str | None:
+    """Log one finished stage unit as a nested run; returns its MLflow run id (None if not tracked)."""
+    if not recipe.tracking.enabled:
+        return None
+    try:
+        return _log_stage(recipe, run_id, stage, unit, metrics or {}, series or {}, artifacts or {})
+    except Exception as exc:
+        log.warning("MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
+                    stage, f"[{unit}]" if unit else "", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
+
+
+def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
+    import time
+
+    from mlflow.entities import Metric
+
+    client = client_for(recipe)
+    parent = parent_run_id(client, recipe, run_id)
+    experiment_id = client.get_run(parent).info.experiment_id
+    name = f"{stage}[{unit}]" if unit else stage
+    child = client.create_run(experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": parent, RUN_TAG: run_id, KIND_TAG: "stage", "malt_ops.stage": stage,
+        "malt_ops.unit": unit or ""})
+    now = int(time.time() * 1000)
+    batch = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)]
+    for key, points in series.items():
+        batch += [Metric(metric_name(key), float(v), now, int(step)) for step, v in points]
+    for start in range(0, len(batch), 1000):
+        client.log_batch(child.info.run_id, metrics=batch[start : start + 1000])
+    if artifacts:
+        with tempfile.TemporaryDirectory(prefix="malt-artifacts-") as scratch:
+            for path, data in artifacts.items():
+                target = Path(scratch) / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            client.log_artifacts(child.info.run_id, scratch)
+    client.set_terminated(child.info.run_id, "FINISHED")
+    return child.info.run_id
+
+
+def stage_artifacts(out) -> dict[str, bytes]:
+    """Small human-facing files a stage wrote (plots, tables, reports), read back from the store."""
+    picked = {}
+    for name, meta in out.files.items():
+        if name.endswith(_ARTIFACT_SUFFIXES) and meta["bytes"] <= _MAX_ARTIFACT_BYTES:
+            picked[name] = out.store.read_bytes(out.key(name))
+    return picked
+
+
+def finish_pipeline(recipe: Recipe, run_id: str, status: str = "FINISHED") -> None:
+    if not recipe.tracking.enabled:
+        return
+    try:
+        client = client_for(recipe)
+        client.set_terminated(parent_run_id(client, recipe, run_id), status)
+    except Exception as exc:
+        log.warning("could not close the MLflow parent run of %s: %s", run_id, str(exc).splitlines()[0][:200])

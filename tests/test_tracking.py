@@ -1,0 +1,101 @@
+"""MLflow tracking and the registry against a real `mlflow server` whose artifacts live in S3."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from malt_ops.config import ROLES, load_recipe
+from malt_ops.registry import CHALLENGER, CHAMPION, alias_versions
+from malt_ops.stages import prepare, promote, register
+from malt_ops.stages.common import stage_output
+from malt_ops.storage import dumps_jsonl
+from malt_ops.tracking import RUN_TAG
+
+
+@pytest.fixture
+def tracked_recipe(recipe_file, mlflow_server, s3_env, monkeypatch, tmp_path):
+    """The production shape: an MLflow server and the store in S3 (credentials from the environment)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    prefix = f"t{tmp_path.name[-8:]}".replace("_", "")
+    # The recipe points elsewhere on purpose: the environment must win.
+    path = recipe_file(tracking={"uri": "sqlite:////nonexistent/dir/mlflow.db", "experiment": prefix,
+                                 "model_prefix": prefix},
+                       storage={"root": f"s3://{s3_env['bucket']}/{prefix}"})
+    return load_recipe(path)
+
+
+def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_recipe, mlflow_server):
+    prepare.run(tracked_recipe, "track-1")
+    client = MlflowClient(mlflow_server["url"])
+    experiment = client.get_experiment_by_name(tracked_recipe.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'track-1'")
+    parent = next(r for r in runs if r.data.tags["malt_ops.kind"] == "pipeline")
+    child = next(r for r in runs if r.data.tags["malt_ops.kind"] == "stage")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["malt_ops.stage"] == "prepare"
+    assert parent.data.params["sampling.n"] == str(tracked_recipe.sampling.n)
+    assert parent.data.params["labeling.threshold"] == "0.5"
+    assert child.data.metrics["train_problems"] == tracked_recipe.data.train_size
+    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["stats.json"]
+    objects = mlflow_server["s3"].list_objects_v2(Bucket=mlflow_server["bucket"], Prefix="mlflow-artifacts/")
+    assert any(o["Key"].endswith("stats.json") for o in objects.get("Contents", []))
+
+
+def fake_finished_run(recipe, run_id, malt_correct: list[bool], base_correct: list[bool]) -> None:
+    """The store state that evaluate leaves: adapters, a report and per-question outcomes."""
+    prepared = stage_output(recipe, run_id, "prepare")
+    prepared.write_jsonl("problems/train.jsonl", [{"id": "q"}])
+    prepared.commit({})
+    trained = stage_output(recipe, run_id, "train")
+    for role in ROLES:
+        trained.write_json(f"adapters/{role}/adapter_config.json", {"r": 8, "role": role})
+    evaluated = stage_output(recipe, run_id, "evaluate")
+    evaluated.write_json("report.json", {"settings": [{"setting": "MALT", "mean": 0.5, "std": 0.1}]})
+    rows = [{"system": system, "seed": 0, "question_id": f"q{i}", "refiner_mv": ok}
+            for system, outcomes in (("malt", malt_correct), ("base", base_correct)) for i, ok in enumerate(outcomes)]
+    evaluated.write_bytes("per_question.jsonl", dumps_jsonl(rows))
+    evaluated.commit({})
+
+
+def test_register_then_promote_against_the_base(tracked_recipe, mlflow_server, capsys):
+    fake_finished_run(tracked_recipe, "reg-1", [True] * 12, [False] * 12)
+    summary = register.run(tracked_recipe, "reg-1")
+    assert summary["registered"] and set(summary["versions"]) == set(ROLES)
+    client = MlflowClient(mlflow_server["url"])
+    challengers = alias_versions(tracked_recipe, CHALLENGER, client)
+    for role, version in challengers.items():
+        assert version.source == f"{tracked_recipe.storage.root}/runs/reg-1/train/adapters/{role}"
+        assert version.tags["malt_ops.run_id"] == "reg-1" and version.tags["recipe_digest"] == tracked_recipe.digest()
+        assert "data_sha256" in version.tags and "eval.MALT" in version.tags
+    decision = promote.run(tracked_recipe, "reg-1")
+    assert decision["promoted"] and decision["p_value"] == 0.5**12
+    assert "PROMOTED" in capsys.readouterr().out
+    champion = alias_versions(tracked_recipe, CHAMPION, client)
+    assert {r: v.version for r, v in champion.items()} == summary["versions"]
+    decision_file = stage_output(tracked_recipe, "reg-1", "promote").key("decision.json")
+    assert json.loads(stage_output(tracked_recipe, "reg-1", "promote").store.read_text(decision_file))["promoted"]
+
+
+def test_no_promotion_without_a_significant_win(tracked_recipe, mlflow_server):
+    fake_finished_run(tracked_recipe, "reg-2", [True, False, True, False], [False, True, True, False])
+    register.run(tracked_recipe, "reg-2")
+    decision = promote.run(tracked_recipe, "reg-2")
+    assert not decision["promoted"]
+    assert "does not beat" in decision["reason"]
+    assert alias_versions(tracked_recipe, CHAMPION) is None
+    from malt_ops.errors import MaltError
+
+    with pytest.raises(MaltError, match="no champion set to roll back"):
+        promote.rollback(tracked_recipe)
+
+
+def test_mlflow_down_does_not_lose_the_stage(recipe_file, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    recipe = load_recipe(recipe_file())
+    summary = prepare.run(recipe, "offline")
+    assert summary["train"] == recipe.data.train_size
+    assert stage_output(recipe, "offline", "prepare").done()
+    assert "MLflow tracking of prepare failed" in caplog.text
