@@ -119,7 +119,7 @@ def main() -> None:
                         role,
                         phase.upper(),
                         args.steps,
-                        result["tokens"],
+                        int(result["tokens"]),
                         f"{result['seconds']:.1f}",
                         f"{result['tokens'] / result['seconds']:.0f}",
                         f"{result['peak_mib']:.0f}",

@@ -3,7 +3,8 @@
 Endpoint, region and credentials come from the environment, never from the recipe:
 ``MALT_OPS_S3_ENDPOINT_URL`` (or boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``),
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and boto3's usual credential chain
-(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles); or, with
+``MALT_OPS_AWS_CONN_ID``, all three from that Airflow connection.
 An object appears whole or not at all, so writes need no temporary names; large objects
 go up in parts, and transient errors are retried with backoff by botocore.
 """
@@ -11,15 +12,43 @@ go up in parts, and transient errors are retried with backoff by botocore.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import random
+import time
 from functools import cached_property
 from pathlib import Path
 
 from malt_ops.errors import MaltError
 from malt_ops.storage import Store
 
+log = logging.getLogger("malt_ops")
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
+# Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried
+# for up to RETRY_SECONDS, backing off exponentially from BASE_BACKOFF to MAX_BACKOFF.
+RETRY_SECONDS = float(os.environ.get("MALT_OPS_S3_RETRY_SECONDS", "120"))
+BASE_BACKOFF = 0.5
+MAX_BACKOFF = 15.0
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
+
+
+def _transient(exc: Exception) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError):
+        return True
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+    return "S3UploadFailedError" in type(exc).__name__ and "connect" in str(exc).lower()
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -42,6 +71,13 @@ def s3_client():
         read_timeout=120,
         s3={"addressing_style": "path"},
     )
+    conn_id = os.environ.get("MALT_OPS_AWS_CONN_ID")
+    if conn_id:
+        # Endpoint, region and credentials from an Airflow connection (e.g. AIRFLOW_CONN_<ID> or a
+        # secrets backend), as Airflow users keep them.
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=conn_id, config=config).get_conn()
     endpoint = os.environ.get("MALT_OPS_S3_ENDPOINT_URL") or None
     # A fresh session per client: boto3's default session caches credentials for the process.
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
@@ -95,55 +131,57 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, key: str, fn, *args, **kwargs):
+        """Run one S3 operation, retrying transient failures with exponential backoff."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError) as exc:
-            raise _explain(exc, self.bucket, self._key(key)) from None
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except (ClientError, BotoCoreError, Boto3Error) as exc:
+                delay = min(MAX_BACKOFF, BASE_BACKOFF * 2**attempt) * (0.5 + random.random() / 2)
+                if not _transient(exc) or time.monotonic() + delay > deadline:
+                    raise _explain(exc, self.bucket, self._key(key)) from None
+                attempt += 1
+                log.warning("S3 %s: %s; retry %d in %.1fs", self._key(key), type(exc).__name__, attempt, delay)
+                time.sleep(delay)
 
     def read_bytes(self, key: str) -> bytes:
-        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return response["Body"].read()
+        def get() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+        return self._call(key, get)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         from boto3.s3.transfer import TransferConfig
 
-        transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
-        )
-        self._call(
-            key,
-            self.client.upload_fileobj,
-            io.BytesIO(data),
-            self.bucket,
-            self._key(key),
-            Config=transfer,
-        )
+        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK)
+        # A fresh reader per attempt: a retried upload must start from the first byte.
+        self._call(key, lambda: self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
+                                                           Config=transfer))
 
     def upload_file(self, key: str, path: Path) -> None:
         """Stream a local file (multipart above the threshold) without reading it into memory."""
         from boto3.s3.transfer import TransferConfig
 
-        transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
-        )
-        self._call(
-            key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=transfer
-        )
+        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK)
+        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=transfer)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _explain(exc, self.bucket, self._key(key)) from None
-        except Exception as exc:
-            raise _explain(exc, self.bucket, self._key(key)) from None
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._call(key, head)
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix).rstrip("/") + "/"

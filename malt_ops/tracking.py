@@ -13,11 +13,13 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from malt_ops.config import Recipe
+from malt_ops.errors import MaltError
 
 log = logging.getLogger("malt_ops")
 
@@ -154,3 +156,14 @@ def finish_pipeline(recipe: Recipe, run_id: str, status: str = "FINISHED") -> No
         client.set_terminated(parent_run_id(client, recipe, run_id), status)
     except Exception as exc:
         log.warning("could not close the MLflow parent run of %s: %s", run_id, str(exc).splitlines()[0][:200])
+
+
+@contextmanager
+def registry_errors(recipe: Recipe) -> Iterator[None]:
+    """Stages that cannot work without MLflow (register, promote) fail with one clear line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise MaltError(f"MLflow at {tracking_uri(recipe)}: {str(exc).splitlines()[0][:300]}") from None

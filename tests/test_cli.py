@@ -22,6 +22,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         ("prepare", "problems/{train,test}.jsonl"),
         ("sample", "trees/shard-K.jsonl"),
         ("label", "SFT and DPO"),
+        ("train", "SFT then DPO"),
+        ("evaluate", "evaluate/report.json"),
+        ("register", "alias 'challenger'"),
+        ("promote", "paired test"),
+        ("run", "Airflow DAG"),
     ],
 )
 def test_stage_help_says_what_it_does(stage, words):

@@ -72,3 +72,58 @@ def test_missing_bucket_and_wrong_credentials_are_one_line(s3_env, monkeypatch):
     with pytest.raises(MaltError, match="access denied") as info:
         open_store(f"s3://{s3_env['bucket']}/x").write_bytes("k", b"v")
     assert "wrong-secret" not in str(info.value)
+
+
+def test_upload_survives_a_server_restart(tmp_path, monkeypatch):
+    """Kill the S3 server, start an upload, bring the server back: the retries carry the upload."""
+    import threading
+    import time
+
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _free_port, start_weed, stop
+
+    port = _free_port()
+    server, _ = start_weed(tmp_path, port, bucket="restart")
+    monkeypatch.setenv("MALT_OPS_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = open_store("s3://restart/run")
+    store.write_bytes("before.txt", b"written before the outage")
+    stop(server)
+    result: dict = {}
+
+    def upload():
+        try:
+            store.write_bytes("during.txt", b"written across the outage")
+            result["ok"] = True
+        except Exception as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    writer = threading.Thread(target=upload)
+    writer.start()
+    time.sleep(2)
+    assert writer.is_alive(), f"upload gave up while the server was down: {result}"
+    server, _ = start_weed(tmp_path, port, bucket=None)
+    try:
+        writer.join(timeout=120)
+        assert result.get("ok"), result
+        assert store.read_bytes("during.txt") == b"written across the outage"
+        assert store.read_bytes("before.txt") == b"written before the outage"
+    finally:
+        stop(server)
+
+
+def test_credentials_from_an_airflow_connection(s3_server, monkeypatch):
+    import json
+
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MALT_OPS_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_MALT_S3", json.dumps({
+        "conn_type": "aws", "login": S3_ACCESS_KEY, "password": S3_SECRET_KEY,
+        "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"}}))
+    monkeypatch.setenv("MALT_OPS_AWS_CONN_ID", "malt_s3")
+    store = open_store(f"s3://{s3_server['bucket']}/via-connection")
+    store.write_bytes("k.txt", b"through the Airflow connection")
+    assert store.read_bytes("k.txt") == b"through the Airflow connection"

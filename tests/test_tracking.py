@@ -1,6 +1,7 @@
 """MLflow tracking and the registry against a real `mlflow server` whose artifacts live in S3."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -99,3 +100,35 @@ def test_mlflow_down_does_not_lose_the_stage(recipe_file, monkeypatch, caplog):
     assert summary["train"] == recipe.data.train_size
     assert stage_output(recipe, "offline", "prepare").done()
     assert "MLflow tracking of prepare failed" in caplog.text
+
+
+def test_no_secret_reaches_mlflow_manifests_or_logs(tracked_recipe, mlflow_server, s3_env, monkeypatch, caplog):
+    from tests.conftest import S3_SECRET_KEY
+
+    sentinel = "sentinel-9f3b2c-do-not-log"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN_SENTINEL", sentinel)
+    monkeypatch.setenv("HF_TOKEN", sentinel)
+    prepare.run(tracked_recipe, "secrets-1")
+    fake_finished_run(tracked_recipe, "secrets-2", [True] * 3, [False] * 3)
+    register.run(tracked_recipe, "secrets-2")
+    promote.run(tracked_recipe, "secrets-2")
+    client = MlflowClient(mlflow_server["url"])
+    experiment = client.get_experiment_by_name(tracked_recipe.tracking.experiment)
+    seen = [caplog.text]
+    for run in client.search_runs([experiment.experiment_id]):
+        seen += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+        for artifact in client.list_artifacts(run.info.run_id):
+            if not artifact.is_dir:
+                local = client.download_artifacts(run.info.run_id, artifact.path)
+                seen.append(Path(local).read_text(encoding="utf-8", errors="replace"))
+    for role in ROLES:
+        for version in client.search_model_versions(f"name = '{tracked_recipe.tracking.model_prefix}-{role}'"):
+            seen += [json.dumps(version.tags), version.source]
+    store = stage_output(tracked_recipe, "secrets-2", "prepare").store
+    for key in store.list("runs"):
+        if key.rsplit("/", 1)[-1].startswith("MANIFEST") or key.endswith(".json"):
+            seen.append(store.read_text(key))
+    blob = "\n".join(seen)
+    assert "stats.json" in blob or "train" in blob  # something was actually scanned
+    assert S3_SECRET_KEY not in blob
+    assert sentinel not in blob

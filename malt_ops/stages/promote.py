@@ -21,7 +21,7 @@ from malt_ops.registry import (
 from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
 from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.storage import iter_jsonl
-from malt_ops.tracking import client_for, finish_pipeline, log_stage
+from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
 
 STAGE = "promote"
 HELP = ("Compare the challenger set with the current champion on the same test questions and seeds "
@@ -74,6 +74,11 @@ def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
 
 
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
+    with registry_errors(recipe):
+        return _run(recipe, run_id)
+
+
+def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
         return done
@@ -122,6 +127,11 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
 
 def rollback(recipe: Recipe) -> dict[str, str]:
     """Move `champion` back to the set it replaced (all three roles or none)."""
+    with registry_errors(recipe):
+        return _rollback(recipe)
+
+
+def _rollback(recipe: Recipe) -> dict[str, str]:
     client = client_for(recipe)
     champion = alias_versions(recipe, CHAMPION, client)
     if champion is None:

@@ -9,7 +9,7 @@ from malt_ops.errors import MaltError
 from malt_ops.registry import CHALLENGER, model_name
 from malt_ops.stages.common import already_done, log, stage_output
 from malt_ops.stages.train import adapter_key
-from malt_ops.tracking import client_for, log_stage
+from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
 
 STAGE = "register"
 HELP = ("Register the run's generator/verifier/refiner adapters as MLflow model versions "
@@ -59,9 +59,21 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         out.commit(summary)
         return summary
     report = store.read_json(evaluated.key("report.json"))
-    metrics = {f"eval.{s['setting']}": f"{s['mean']:.4f} ± {s['std']:.4f}" for s in report["settings"]}
+    metrics = {metric_name(f"eval.{s['setting']}"): f"{s['mean']:.4f} ± {s['std']:.4f}" for s in report["settings"]}
     data_hash = stage_output(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"]["sha256"]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
+    with registry_errors(recipe):
+        versions = _register_set(recipe, run_id, base, data_hash, metrics)
+    summary = {"registered": True, "versions": versions, "reason": None}
+    out.write_json("versions.json", summary)
+    out.commit(summary)
+    log_stage(recipe, run_id, STAGE, metrics={f"{r}.version": int(v) for r, v in versions.items()})
+    log.info("register: challenger set %s", ", ".join(f"{model_name(recipe, r)} v{v}" for r, v in versions.items()))
+    return summary
+
+
+def _register_set(recipe: Recipe, run_id: str, base: str, data_hash: str, metrics: dict) -> dict[str, str]:
+    store = stage_output(recipe, run_id, STAGE).store
     client = client_for(recipe)
     versions = {}
     for role in ROLES:
@@ -75,9 +87,4 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         versions[role] = version.version
     for role in ROLES:
         client.set_registered_model_alias(model_name(recipe, role), CHALLENGER, versions[role])
-    summary = {"registered": True, "versions": versions, "reason": None}
-    out.write_json("versions.json", summary)
-    out.commit(summary)
-    log_stage(recipe, run_id, STAGE, metrics={f"{r}.version": int(v) for r, v in versions.items()})
-    log.info("register: challenger set %s", ", ".join(f"{model_name(recipe, r)} v{v}" for r, v in versions.items()))
-    return summary
+    return versions
