@@ -71,7 +71,9 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     previous = promote.rollback(_recipe(args))
-    print("champion is now " + ", ".join(f"{role} v{version}" for role, version in previous.items()))
+    print(
+        "champion is now " + ", ".join(f"{role} v{version}" for role, version in previous.items())
+    )
     return previous
 
 
@@ -118,13 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluate", evaluate.HELP, cmd_evaluate)
     add("register", register.HELP, cmd_register)
     add("promote", promote.HELP, cmd_promote)
-    add("rollback", "Move alias 'champion' back to the set it replaced (all three roles together).",
-        cmd_rollback, run_id_required=False)
-    sub = add("run", "Run the whole pipeline: the Airflow DAG in dags/, in-process with Airflow's "
-              "dag.test(); finished stages are skipped on rerun.", cmd_run, run_id_required=False)
-    sub.add_argument("--cycles", type=int, default=1,
-                     help="retraining cycles back to back (run ids <run-id>-c1, -c2, ...); each "
-                          "samples with the champion the previous one left")
+    add(
+        "rollback",
+        "Move alias 'champion' back to the set it replaced (all three roles together).",
+        cmd_rollback,
+        run_id_required=False,
+    )
+    sub = add(
+        "run",
+        "Run the whole pipeline: the Airflow DAG in dags/, in-process with Airflow's "
+        "dag.test(); finished stages are skipped on rerun.",
+        cmd_run,
+        run_id_required=False,
+    )
+    sub.add_argument(
+        "--cycles",
+        type=int,
+        default=1,
+        help="retraining cycles back to back (run ids <run-id>-c1, -c2, ...); each "
+        "samples with the champion the previous one left",
+    )
     return parser
 
 

@@ -85,4 +85,6 @@ def dag_schedule(recipe: Recipe) -> Any:
         return cron
     if cron is None:
         return [Asset(uri)]
-    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[Asset(uri)])
+    return AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[Asset(uri)]
+    )

@@ -64,8 +64,9 @@ def load_dag():
     return dag
 
 
-def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str,
-                 cycles: int = 1) -> list[dict[str, Any]]:
+def run_pipeline(
+    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str, cycles: int = 1
+) -> list[dict[str, Any]]:
     """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left."""
     from malt_ops.tracking import finish_pipeline
 
@@ -76,15 +77,21 @@ def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id:
     results = []
     for cycle in range(1, cycles + 1):
         cycle_id = run_id if cycles == 1 else f"{run_id}-c{cycle}"
-        conf = {"recipe": str(Path(recipe_path).resolve()), "run_id": cycle_id, "overrides": list(overrides)}
+        conf = {
+            "recipe": str(Path(recipe_path).resolve()),
+            "run_id": cycle_id,
+            "overrides": list(overrides),
+        }
         if cycles > 1:
             log.info("retraining cycle %d of %d: run %s", cycle, cycles, cycle_id)
         dag_run = dag.test(run_conf=conf)
         state = str(getattr(dag_run, "state", "unknown"))
         if "success" not in state:
             finish_pipeline(recipe, cycle_id, "FAILED")
-            raise MaltError(f"run {cycle_id} did not succeed (state {state}); rerun the same command to "
-                            "resume: finished stages are skipped")
+            raise MaltError(
+                f"run {cycle_id} did not succeed (state {state}); rerun the same command to "
+                "resume: finished stages are skipped"
+            )
         outputs = store.uri(run_prefix(cycle_id, "")).rstrip("/")
         table_key = f"{run_prefix(cycle_id, 'evaluate')}/table.md"
         if store.exists(table_key):
@@ -92,7 +99,9 @@ def run_pipeline(recipe: Recipe, recipe_path: str, overrides: list[str], run_id:
         decision_key = f"{run_prefix(cycle_id, 'promote')}/decision.json"
         if store.exists(decision_key):
             decision = store.read_json(decision_key)
-            print(f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} — {decision['reason']}")
+            print(
+                f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} — {decision['reason']}"
+            )
         print(f"run {cycle_id}: outputs in {outputs}")
         results.append({"run_id": cycle_id, "state": state, "outputs": outputs})
     return results

@@ -78,7 +78,9 @@ def value_histograms(histograms: dict[str, list[int]], threshold: float, path: P
     fig, axes = plt.subplots(1, len(histograms), figsize=(4 * len(histograms), 3.2), squeeze=False)
     for ax, (role, counts) in zip(axes[0], histograms.items(), strict=True):
         edges = [i / len(counts) for i in range(len(counts))]
-        ax.bar(edges, counts, width=1 / len(counts), align="edge", color="#55a868", edgecolor="white")
+        ax.bar(
+            edges, counts, width=1 / len(counts), align="edge", color="#55a868", edgecolor="white"
+        )
         ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold}")
         ax.set_title(role)
         ax.set_xlabel("value V")

@@ -49,7 +49,11 @@ def adapter_dir(source: str) -> Path:
 
         from mlflow.artifacts import download_artifacts
 
-        return Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="malt-adapter-")))
+        return Path(
+            download_artifacts(
+                artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="malt-adapter-")
+            )
+        )
     if source.startswith("s3://"):
         from malt_ops.s3 import S3Store, split_uri
 

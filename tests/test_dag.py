@@ -23,8 +23,16 @@ def test_no_import_errors(dagbag):
 
 def test_tasks_and_dependencies(dagbag):
     dag = dagbag.dags["malt_retraining"]
-    assert set(dag.task_ids) == {"prepare", "shards", "sample", "label", "train", "evaluate", "register",
-                                 "promote"}
+    assert set(dag.task_ids) == {
+        "prepare",
+        "shards",
+        "sample",
+        "label",
+        "train",
+        "evaluate",
+        "register",
+        "promote",
+    }
     downstream = {
         task_id: set(dag.get_task(task_id).downstream_task_ids) for task_id in dag.task_ids
     }

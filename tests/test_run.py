@@ -24,13 +24,18 @@ ROLES = ("generator", "verifier", "refiner")
 
 # An easy task and a low threshold so that every role has positives and pairs to train on.
 TINY = [
-    "data.train_size=4", "data.test_size=6",
+    "data.train_size=4",
+    "data.test_size=6",
     "data.task_config={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ['+'], "
     "allow_negation: false, allow_parentheses: false}",
-    "sampling.n=2", "sampling.m=2", "sampling.l=2",
+    "sampling.n=2",
+    "sampling.m=2",
+    "sampling.l=2",
     "sampling.max_new_tokens={generator: 40, verifier: 40, refiner: 40}",
     "labeling.threshold=0.01",
-    "evaluation.seeds=[0, 1]", "evaluation.subset_size=3", "evaluation.votes=3",
+    "evaluation.seeds=[0, 1]",
+    "evaluation.subset_size=3",
+    "evaluation.votes=3",
     "evaluation.max_new_tokens={generator: 24, verifier: 24, refiner: 24}",
     *(f"training.{role}.max_steps=1" for role in ("generator", "verifier", "refiner", "star")),
     *(f"training.{role}.max_length=256" for role in ("generator", "verifier", "refiner", "star")),
@@ -45,14 +50,25 @@ def sets(overrides):
 
 @pytest.fixture(scope="module")
 def env(s3_server, mlflow_server):
-    return {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server["url"],
-            "MALT_OPS_S3_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server["url"],
+        "MALT_OPS_S3_ENDPOINT_URL": s3_server["endpoint"],
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 def cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "malt_ops.cli", *args], capture_output=True, text=True,
-                          timeout=1500, check=False, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "malt_ops.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +76,37 @@ def finished_run(tmp_path_factory, env, s3_server):
     tmp = tmp_path_factory.mktemp("e2e")
     recipe = tmp / "recipe.yaml"
     text = Path("recipes/local.yaml").read_text()
-    recipe.write_text(text.replace(".state/store", f"s3://{s3_server['bucket']}/e2e")
-                      .replace("state_dir: .state", f"state_dir: {tmp / 'state'}")
-                      .replace("model_prefix: malt", "model_prefix: e2e"))
-    done = cli(env, "run", "--recipe", str(recipe), "--run-id", "e2e", "--cycles", "2", *sets(TINY + FORCED))
+    recipe.write_text(
+        text.replace(".state/store", f"s3://{s3_server['bucket']}/e2e")
+        .replace("state_dir: .state", f"state_dir: {tmp / 'state'}")
+        .replace("model_prefix: malt", "model_prefix: e2e")
+    )
+    done = cli(
+        env,
+        "run",
+        "--recipe",
+        str(recipe),
+        "--run-id",
+        "e2e",
+        "--cycles",
+        "2",
+        *sets(TINY + FORCED),
+    )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     from malt_ops.config import load_recipe
     from malt_ops.storage import open_store
 
-    os.environ.update({k: env[k] for k in ("MALT_OPS_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    os.environ.update(
+        {
+            k: env[k]
+            for k in (
+                "MALT_OPS_S3_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION",
+            )
+        }
+    )
     store = open_store(load_recipe(recipe).storage.root)
     return {"recipe": recipe, "store": store, "done": done, "tmp": tmp}
 
@@ -80,9 +117,15 @@ def read_json(store, key):
 
 def test_every_stage_committed_its_manifest(finished_run):
     store = finished_run["store"]
-    expected = ["prepare/MANIFEST.json", "sample/MANIFEST-shard-0.json", "label/MANIFEST.json",
-                *(f"train/MANIFEST-{role}.json" for role in (*ROLES, "star")),
-                "evaluate/MANIFEST.json", "register/MANIFEST.json", "promote/MANIFEST.json"]
+    expected = [
+        "prepare/MANIFEST.json",
+        "sample/MANIFEST-shard-0.json",
+        "label/MANIFEST.json",
+        *(f"train/MANIFEST-{role}.json" for role in (*ROLES, "star")),
+        "evaluate/MANIFEST.json",
+        "register/MANIFEST.json",
+        "promote/MANIFEST.json",
+    ]
     for cycle in ("e2e-c1", "e2e-c2"):
         for name in expected:
             stage = name.split("/")[0]
@@ -106,7 +149,9 @@ def test_three_role_adapters_load_with_peft(finished_run, model_dir):
         else:
             model.load_adapter(adapter, adapter_name=role)
     assert set(model.peft_config) == set(ROLES)
-    phases = {role: read_json(store, f"runs/e2e-c1/train/metrics/{role}.json")["phases"] for role in ROLES}
+    phases = {
+        role: read_json(store, f"runs/e2e-c1/train/metrics/{role}.json")["phases"] for role in ROLES
+    }
     assert phases == {"generator": ["sft"], "verifier": ["sft", "dpo"], "refiner": ["sft", "dpo"]}
     assert len(store.read_bytes("runs/e2e-c1/train/plots/refiner_loss.png")) > 1000
 
@@ -114,13 +159,28 @@ def test_three_role_adapters_load_with_peft(finished_run, model_dir):
 def test_report_has_all_ten_settings(finished_run):
     report = read_json(finished_run["store"], "runs/e2e-c1/evaluate/report.json")
     names = [s["setting"] for s in report["settings"]]
-    assert names == ["SA", "SA+MV", "MA", "MA+MV", "STaR SA", "STaR SA+MV", "STaR MA", "STaR MA+MV",
-                     "MALT w/o MV", "MALT"]
+    assert names == [
+        "SA",
+        "SA+MV",
+        "MA",
+        "MA+MV",
+        "STaR SA",
+        "STaR SA+MV",
+        "STaR MA",
+        "STaR MA+MV",
+        "MALT w/o MV",
+        "MALT",
+    ]
     for setting in report["settings"]:
-        assert len(setting["per_seed"]) == 2 and setting["n_questions"] == 3 and setting["tokens"] > 0
+        assert (
+            len(setting["per_seed"]) == 2 and setting["n_questions"] == 3 and setting["tokens"] > 0
+        )
         assert 0.0 <= setting["mean"] <= 1.0
     assert set(report["turnwise"]) == {"base", "star", "malt"}
-    assert "| MALT |" in finished_run["done"].stdout and "outputs in s3://" in finished_run["done"].stdout
+    assert (
+        "| MALT |" in finished_run["done"].stdout
+        and "outputs in s3://" in finished_run["done"].stdout
+    )
 
 
 def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_server):
@@ -132,8 +192,13 @@ def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_se
         assert champion.version == challenger.version  # cycle 2 was promoted (forced)
         assert champion.source == store.uri(f"runs/e2e-c2/train/adapters/{role}")
     experiment = client.get_experiment_by_name("malt-ops")
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`malt_ops.run_id` = 'e2e-c1'")
-    by_stage = {r.data.tags.get("malt_ops.stage", "") + r.data.tags.get("malt_ops.unit", ""): r for r in runs}
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`malt_ops.run_id` = 'e2e-c1'"
+    )
+    by_stage = {
+        r.data.tags.get("malt_ops.stage", "") + r.data.tags.get("malt_ops.unit", ""): r
+        for r in runs
+    }
     parent = next(r for r in runs if r.data.tags["malt_ops.kind"] == "pipeline")
     assert parent.info.status == "FINISHED" and parent.data.params["sampling.n"] == "2"
     evaluate = by_stage["evaluate"]
@@ -144,7 +209,12 @@ def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_se
     assert history and all(p.value > 0 for p in history)
     table = client.download_artifacts(evaluate.info.run_id, "table.md")
     assert "| MALT |" in Path(table).read_text()
-    assert Path(client.download_artifacts(by_stage["label"].info.run_id, "plots/values.png")).stat().st_size > 1000
+    assert (
+        Path(client.download_artifacts(by_stage["label"].info.run_id, "plots/values.png"))
+        .stat()
+        .st_size
+        > 1000
+    )
 
 
 def test_cycle_two_samples_with_cycle_one_champion_and_rollback(finished_run, env, mlflow_server):
@@ -157,21 +227,36 @@ def test_cycle_two_samples_with_cycle_one_champion_and_rollback(finished_run, en
     assert policy_c1 == dict.fromkeys(ROLES)
     for role in ROLES:  # the champion adapters (from S3) are what cycle 2 sampled with
         assert (Path(policy_c2[role]) / "adapter_config.json").read_bytes() == store.read_bytes(
-            f"runs/e2e-c1/train/adapters/{role}/adapter_config.json")
-    assert second["reference"].startswith("champion") and second["champion_before"] == first["challenger"]
+            f"runs/e2e-c1/train/adapters/{role}/adapter_config.json"
+        )
+    assert (
+        second["reference"].startswith("champion")
+        and second["champion_before"] == first["challenger"]
+    )
     assert finished_run["done"].stdout.count("promotion: PROMOTED") == 2
 
     back = cli(env, "rollback", "--recipe", str(finished_run["recipe"]))
     assert back.returncode == 0, back.stderr[-2000:]
     client = MlflowClient(mlflow_server["url"])
     for role in ROLES:
-        assert client.get_model_version_by_alias(f"e2e-{role}", "champion").version == first["challenger"][role]
+        assert (
+            client.get_model_version_by_alias(f"e2e-{role}", "champion").version
+            == first["challenger"][role]
+        )
 
 
 def test_rerun_skips_finished_stages(finished_run, env):
     store = finished_run["store"]
     before = store.read_bytes("runs/e2e-c1/evaluate/report.json")
-    again = cli(env, "run", "--recipe", str(finished_run["recipe"]), "--run-id", "e2e-c1", *sets(TINY + FORCED))
+    again = cli(
+        env,
+        "run",
+        "--recipe",
+        str(finished_run["recipe"]),
+        "--run-id",
+        "e2e-c1",
+        *sets(TINY + FORCED),
+    )
     assert again.returncode == 0
     assert (again.stdout + again.stderr).count("already done") >= 10
     assert store.read_bytes("runs/e2e-c1/evaluate/report.json") == before
@@ -181,19 +266,25 @@ def corrupt_copy(store, source_run: str, target_run: str, corrupt: bool) -> None
     """Copy a finished run's prepare and train outputs; optionally overwrite its LoRA weights with noise."""
     for stage in ("prepare", "train"):
         for key in store.list(f"runs/{source_run}/{stage}"):
-            store.write_bytes(key.replace(f"runs/{source_run}/", f"runs/{target_run}/", 1), store.read_bytes(key))
+            store.write_bytes(
+                key.replace(f"runs/{source_run}/", f"runs/{target_run}/", 1), store.read_bytes(key)
+            )
     if not corrupt:
         return
     torch.manual_seed(0)
     for role in (*ROLES, "star"):
         key = f"runs/{target_run}/train/adapters/{role}/adapter_model.safetensors"
-        local = store.local_dir(f"runs/{target_run}/train/adapters/{role}") / "adapter_model.safetensors"
+        local = (
+            store.local_dir(f"runs/{target_run}/train/adapters/{role}")
+            / "adapter_model.safetensors"
+        )
         weights = {k: torch.randn_like(v) * 5 for k, v in load_file(local).items()}
         noisy = local.with_suffix(".noisy")
         save_file(weights, str(noisy))
         store.write_bytes(key, noisy.read_bytes())
 
 
+@pytest.mark.slow
 def test_promotion_gate_refuses_worse_and_accepts_better(finished_run, env, mlflow_server):
     """Real evaluations: a set with noise for weights loses to the champion; a good set beats it."""
     store, recipe = finished_run["store"], str(finished_run["recipe"])
@@ -216,4 +307,7 @@ def test_promotion_gate_refuses_worse_and_accepts_better(finished_run, env, mlfl
     better = read_json(store, "runs/gate-better/promote/decision.json")
     assert better["promoted"], better
     for role in ROLES:
-        assert client.get_model_version_by_alias(f"e2e-{role}", "champion").version == better["challenger"][role]
+        assert (
+            client.get_model_version_by_alias(f"e2e-{role}", "champion").version
+            == better["challenger"][role]
+        )

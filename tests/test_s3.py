@@ -120,9 +120,17 @@ def test_credentials_from_an_airflow_connection(s3_server, monkeypatch):
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MALT_OPS_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_MALT_S3", json.dumps({
-        "conn_type": "aws", "login": S3_ACCESS_KEY, "password": S3_SECRET_KEY,
-        "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MALT_S3",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": S3_ACCESS_KEY,
+                "password": S3_SECRET_KEY,
+                "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"},
+            }
+        ),
+    )
     monkeypatch.setenv("MALT_OPS_AWS_CONN_ID", "malt_s3")
     store = open_store(f"s3://{s3_server['bucket']}/via-connection")
     store.write_bytes("k.txt", b"through the Airflow connection")

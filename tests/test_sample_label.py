@@ -107,6 +107,16 @@ def test_datasets_match_labels(sampled_run):
                 and chosen["role"] == rejected["role"] == role
             )
             assert pair["chosen"][0]["content"] == chosen["text"]
+    # STaR: the generator's own correct, finished answers, whatever happened after them.
+    star = read_jsonl(run / "label" / "datasets" / "star_sft.jsonl")
+    expected_star = {
+        (t["problem"]["id"], n["id"])
+        for t in trees
+        for n in t["nodes"]
+        if n["role"] == "generator" and n["correct"] and n["finished"] and n["text"].strip()
+    }
+    assert {(r["question_id"], r["node_id"]) for r in star} == expected_star
+    assert stats["star"]["positives"] == len(expected_star)
     # The verifier's prompt in its SFT rows is the one it was sampled with.
     for row in read_jsonl(run / "label" / "datasets" / "verifier_sft.jsonl"):
         tree = by_question[row["question_id"]]

@@ -20,9 +20,14 @@ def tracked_recipe(recipe_file, mlflow_server, s3_env, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
     prefix = f"t{tmp_path.name[-8:]}".replace("_", "")
     # The recipe points elsewhere on purpose: the environment must win.
-    path = recipe_file(tracking={"uri": "sqlite:////nonexistent/dir/mlflow.db", "experiment": prefix,
-                                 "model_prefix": prefix},
-                       storage={"root": f"s3://{s3_env['bucket']}/{prefix}"})
+    path = recipe_file(
+        tracking={
+            "uri": "sqlite:////nonexistent/dir/mlflow.db",
+            "experiment": prefix,
+            "model_prefix": prefix,
+        },
+        storage={"root": f"s3://{s3_env['bucket']}/{prefix}"},
+    )
     return load_recipe(path)
 
 
@@ -30,7 +35,9 @@ def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_reci
     prepare.run(tracked_recipe, "track-1")
     client = MlflowClient(mlflow_server["url"])
     experiment = client.get_experiment_by_name(tracked_recipe.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'track-1'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'track-1'"
+    )
     parent = next(r for r in runs if r.data.tags["malt_ops.kind"] == "pipeline")
     child = next(r for r in runs if r.data.tags["malt_ops.kind"] == "stage")
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -39,7 +46,9 @@ def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_reci
     assert parent.data.params["labeling.threshold"] == "0.5"
     assert child.data.metrics["train_problems"] == tracked_recipe.data.train_size
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["stats.json"]
-    objects = mlflow_server["s3"].list_objects_v2(Bucket=mlflow_server["bucket"], Prefix="mlflow-artifacts/")
+    objects = mlflow_server["s3"].list_objects_v2(
+        Bucket=mlflow_server["bucket"], Prefix="mlflow-artifacts/"
+    )
     assert any(o["Key"].endswith("stats.json") for o in objects.get("Contents", []))
 
 
@@ -52,9 +61,14 @@ def fake_finished_run(recipe, run_id, malt_correct: list[bool], base_correct: li
     for role in ROLES:
         trained.write_json(f"adapters/{role}/adapter_config.json", {"r": 8, "role": role})
     evaluated = stage_output(recipe, run_id, "evaluate")
-    evaluated.write_json("report.json", {"settings": [{"setting": "MALT", "mean": 0.5, "std": 0.1}]})
-    rows = [{"system": system, "seed": 0, "question_id": f"q{i}", "refiner_mv": ok}
-            for system, outcomes in (("malt", malt_correct), ("base", base_correct)) for i, ok in enumerate(outcomes)]
+    evaluated.write_json(
+        "report.json", {"settings": [{"setting": "MALT", "mean": 0.5, "std": 0.1}]}
+    )
+    rows = [
+        {"system": system, "seed": 0, "question_id": f"q{i}", "refiner_mv": ok}
+        for system, outcomes in (("malt", malt_correct), ("base", base_correct))
+        for i, ok in enumerate(outcomes)
+    ]
     evaluated.write_bytes("per_question.jsonl", dumps_jsonl(rows))
     evaluated.commit({})
 
@@ -67,7 +81,10 @@ def test_register_then_promote_against_the_base(tracked_recipe, mlflow_server, c
     challengers = alias_versions(tracked_recipe, CHALLENGER, client)
     for role, version in challengers.items():
         assert version.source == f"{tracked_recipe.storage.root}/runs/reg-1/train/adapters/{role}"
-        assert version.tags["malt_ops.run_id"] == "reg-1" and version.tags["recipe_digest"] == tracked_recipe.digest()
+        assert (
+            version.tags["malt_ops.run_id"] == "reg-1"
+            and version.tags["recipe_digest"] == tracked_recipe.digest()
+        )
         assert "data_sha256" in version.tags and "eval.MALT" in version.tags
     decision = promote.run(tracked_recipe, "reg-1")
     assert decision["promoted"] and decision["p_value"] == 0.5**12
@@ -75,11 +92,15 @@ def test_register_then_promote_against_the_base(tracked_recipe, mlflow_server, c
     champion = alias_versions(tracked_recipe, CHAMPION, client)
     assert {r: v.version for r, v in champion.items()} == summary["versions"]
     decision_file = stage_output(tracked_recipe, "reg-1", "promote").key("decision.json")
-    assert json.loads(stage_output(tracked_recipe, "reg-1", "promote").store.read_text(decision_file))["promoted"]
+    assert json.loads(
+        stage_output(tracked_recipe, "reg-1", "promote").store.read_text(decision_file)
+    )["promoted"]
 
 
 def test_no_promotion_without_a_significant_win(tracked_recipe, mlflow_server):
-    fake_finished_run(tracked_recipe, "reg-2", [True, False, True, False], [False, True, True, False])
+    fake_finished_run(
+        tracked_recipe, "reg-2", [True, False, True, False], [False, True, True, False]
+    )
     register.run(tracked_recipe, "reg-2")
     decision = promote.run(tracked_recipe, "reg-2")
     assert not decision["promoted"]
@@ -102,7 +123,9 @@ def test_mlflow_down_does_not_lose_the_stage(recipe_file, monkeypatch, caplog):
     assert "MLflow tracking of prepare failed" in caplog.text
 
 
-def test_no_secret_reaches_mlflow_manifests_or_logs(tracked_recipe, mlflow_server, s3_env, monkeypatch, caplog):
+def test_no_secret_reaches_mlflow_manifests_or_logs(
+    tracked_recipe, mlflow_server, s3_env, monkeypatch, caplog
+):
     from tests.conftest import S3_SECRET_KEY
 
     sentinel = "sentinel-9f3b2c-do-not-log"
@@ -122,7 +145,9 @@ def test_no_secret_reaches_mlflow_manifests_or_logs(tracked_recipe, mlflow_serve
                 local = client.download_artifacts(run.info.run_id, artifact.path)
                 seen.append(Path(local).read_text(encoding="utf-8", errors="replace"))
     for role in ROLES:
-        for version in client.search_model_versions(f"name = '{tracked_recipe.tracking.model_prefix}-{role}'"):
+        for version in client.search_model_versions(
+            f"name = '{tracked_recipe.tracking.model_prefix}-{role}'"
+        ):
             seen += [json.dumps(version.tags), version.source]
     store = stage_output(tracked_recipe, "secrets-2", "prepare").store
     for key in store.list("runs"):

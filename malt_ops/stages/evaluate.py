@@ -202,7 +202,9 @@ def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]
     """The random test subset of each evaluation seed (the same for every system compared)."""
     prepared = stage_output(recipe, run_id, "prepare")
     if not prepared.done():
-        raise MaltError(f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first")
+        raise MaltError(
+            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
+        )
     test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")
@@ -215,7 +217,9 @@ def setting_key(setting: str) -> tuple[str, str]:
     for name, system, turn, vote in SETTINGS:
         if name == setting:
             return system, f"{turn}_mv" if vote else turn
-    raise MaltError(f"'{setting}' is not a Table 1 setting (one of {', '.join(n for n, *_ in SETTINGS)})")
+    raise MaltError(
+        f"'{setting}' is not a Table 1 setting (one of {', '.join(n for n, *_ in SETTINGS)})"
+    )
 
 
 def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) -> dict[str, Any]:
@@ -264,11 +268,19 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         out.write_bytes("plots/turnwise.png", lines.read_bytes())
     summary = {s["setting"]: {"mean": s["mean"], "std": s["std"]} for s in report["settings"]}
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
-    metrics = {f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")}
-    metrics |= {f"turnwise.{system}.{turn}": value for system, values in report["turnwise"].items()
-                for turn, value in zip(("after_G", "after_V", "after_R"), values, strict=True)}
-    metrics |= {f"flips.{system}.{kind}": count for system, flips in report["flips"].items()
-                for kind, count in flips.items()}
+    metrics = {
+        f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")
+    }
+    metrics |= {
+        f"turnwise.{system}.{turn}": value
+        for system, values in report["turnwise"].items()
+        for turn, value in zip(("after_G", "after_V", "after_R"), values, strict=True)
+    }
+    metrics |= {
+        f"flips.{system}.{kind}": count
+        for system, flips in report["flips"].items()
+        for kind, count in flips.items()
+    }
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     print(
         f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"

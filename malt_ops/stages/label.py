@@ -143,6 +143,7 @@ def label_trees(
             }
             for role in ROLES
         },
+        "star": {"positives": per_role["star"].get("positives", 0)},
     }
     return datasets, stats
 
@@ -166,11 +167,20 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         out.write_jsonl(f"datasets/{name}.jsonl", rows)
     out.write_json("stats.json", stats)
     with tempfile.TemporaryDirectory() as scratch:
-        plot = value_histograms(stats["value_histograms"], recipe.labeling.threshold, Path(scratch) / "values.png")
+        plot = value_histograms(
+            stats["value_histograms"], recipe.labeling.threshold, Path(scratch) / "values.png"
+        )
         out.write_bytes("plots/values.png", plot.read_bytes())
     out.commit(stats)
-    metrics = {f"{role}.{kind}": s[kind] for role, s in stats["roles"].items() for kind in ("positives", "negatives", "pairs")}
-    metrics |= {"star.positives": stats["star"]["positives"], "questions_without_positive": stats["questions_without_positive"]}
+    metrics = {
+        f"{role}.{kind}": s[kind]
+        for role, s in stats["roles"].items()
+        for kind in ("positives", "negatives", "pairs")
+    }
+    metrics |= {
+        "star.positives": stats["star"]["positives"],
+        "questions_without_positive": stats["questions_without_positive"],
+    }
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     rows = [
         f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"

@@ -35,9 +35,17 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     }
     out.write_json("stats.json", summary)
     out.commit(summary)
-    log_stage(recipe, run_id, STAGE, metrics={"train_problems": len(splits.train), "test_problems": len(splits.test),
-                                              "skipped_rows": sum(splits.skipped.values())},
-              artifacts=stage_artifacts(out))
+    log_stage(
+        recipe,
+        run_id,
+        STAGE,
+        metrics={
+            "train_problems": len(splits.train),
+            "test_problems": len(splits.test),
+            "skipped_rows": sum(splits.skipped.values()),
+        },
+        artifacts=stage_artifacts(out),
+    )
     for note in splits.notes:
         log.info("prepare: %s", note)
     log.info(

@@ -24,17 +24,23 @@ from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
 
 STAGE = "promote"
-HELP = ("Compare the challenger set with the current champion on the same test questions and seeds "
-        "(paired test); move alias 'champion' only if the challenger wins.")
+HELP = (
+    "Compare the challenger set with the current champion on the same test questions and seeds "
+    "(paired test); move alias 'champion' only if the challenger wins."
+)
 
 
-def _per_question(recipe: Recipe, run_id: str, system: str, key: str) -> dict[tuple[int, str], bool]:
+def _per_question(
+    recipe: Recipe, run_id: str, system: str, key: str
+) -> dict[tuple[int, str], bool]:
     evaluated = stage_output(recipe, run_id, "evaluate")
     rows = iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl"))
     return {(r["seed"], r["question_id"]): bool(r[key]) for r in rows if r["system"] == system}
 
 
-def _champion_per_question(recipe: Recipe, run_id: str, champion: dict, key: str) -> dict[tuple[int, str], bool]:
+def _champion_per_question(
+    recipe: Recipe, run_id: str, champion: dict, key: str
+) -> dict[tuple[int, str], bool]:
     """Run the champion set on this run's test subsets (same questions, same seeds)."""
     from malt_ops.backends import create_backend
     from malt_ops.registry import adapter_dir
@@ -57,8 +63,11 @@ def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
     a = [challenger[k] for k in pairs]
     b = [reference[k] for k in pairs]
     cfg = recipe.promotion
-    p_value = (mcnemar_exact(a, b) if cfg.test == "mcnemar"
-               else paired_bootstrap(a, b, cfg.bootstrap_samples, seed=recipe.training.seed))
+    p_value = (
+        mcnemar_exact(a, b)
+        if cfg.test == "mcnemar"
+        else paired_bootstrap(a, b, cfg.bootstrap_samples, seed=recipe.training.seed)
+    )
     gain = effect(a, b)
     significant = p_value < cfg.alpha
     promote = gain > cfg.min_effect and (significant or not cfg.require_significance)
@@ -68,9 +77,17 @@ def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
         why = f"challenger does not beat the reference ({gain * 100:+.1f} points, p={p_value:.3g})"
     else:
         why = f"gain {gain * 100:+.1f} points is not significant (p={p_value:.3g} >= alpha {cfg.alpha})"
-    return {"promoted": promote, "effect": gain, "p_value": p_value, "test": cfg.test, "alpha": cfg.alpha,
-            "pairs": len(pairs), "challenger_accuracy": sum(a) / len(a), "reference_accuracy": sum(b) / len(b),
-            "reason": why}
+    return {
+        "promoted": promote,
+        "effect": gain,
+        "p_value": p_value,
+        "test": cfg.test,
+        "alpha": cfg.alpha,
+        "pairs": len(pairs),
+        "challenger_accuracy": sum(a) / len(a),
+        "reference_accuracy": sum(b) / len(b),
+        "reason": why,
+    }
 
 
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -84,7 +101,9 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         return done
     registered = stage_output(recipe, run_id, "register")
     if not registered.done():
-        raise MaltError(f"register has not finished for run '{run_id}': run `malt-ops register` first")
+        raise MaltError(
+            f"register has not finished for run '{run_id}': run `malt-ops register` first"
+        )
     versions = registered.manifest()["summary"].get("versions") or {}
     from malt_ops.stages.evaluate import setting_key
 
@@ -92,9 +111,17 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     client = client_for(recipe)
     champion = alias_versions(recipe, CHAMPION, client)
     if not versions:
-        decision = {"promoted": False, "reason": "no complete challenger set was registered", "reference": None}
+        decision = {
+            "promoted": False,
+            "reason": "no complete challenger set was registered",
+            "reference": None,
+        }
     elif champion and all(champion[r].version == versions[r] for r in ROLES):
-        decision = {"promoted": False, "reason": "the challenger already is the champion", "reference": "champion"}
+        decision = {
+            "promoted": False,
+            "reason": "the challenger already is the champion",
+            "reference": "champion",
+        }
     else:
         challenger = _per_question(recipe, run_id, system, key)
         if champion:
@@ -104,24 +131,36 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
             base_system, base_key = setting_key(recipe.promotion.baseline_setting)
             reference = _per_question(recipe, run_id, base_system, base_key)
             label = f"untrained base ({recipe.promotion.baseline_setting})"
-        decision = {**decide(challenger, reference, recipe), "reference": label,
-                    "gate_setting": recipe.promotion.gate_setting}
+        decision = {
+            **decide(challenger, reference, recipe),
+            "reference": label,
+            "gate_setting": recipe.promotion.gate_setting,
+        }
         if decision["promoted"]:
             previous = {r: (champion[r].version if champion else "") for r in ROLES}
             for role in ROLES:
-                client.set_model_version_tag(model_name(recipe, role), versions[role], PREVIOUS_TAG, previous[role])
+                client.set_model_version_tag(
+                    model_name(recipe, role), versions[role], PREVIOUS_TAG, previous[role]
+                )
             move_alias(recipe, CHAMPION, versions, client)
     decision["challenger"] = versions
     decision["champion_before"] = {r: v.version for r, v in champion.items()} if champion else None
     out.write_json("decision.json", decision)
     out.commit(decision)
-    log_stage(recipe, run_id, STAGE, metrics={k: decision[k] for k in ("effect", "p_value") if k in decision}
-              | {"promoted": float(decision["promoted"])}, artifacts={"decision.json": out.store.read_bytes(
-                  out.key("decision.json"))})
+    log_stage(
+        recipe,
+        run_id,
+        STAGE,
+        metrics={k: decision[k] for k in ("effect", "p_value") if k in decision}
+        | {"promoted": float(decision["promoted"])},
+        artifacts={"decision.json": out.store.read_bytes(out.key("decision.json"))},
+    )
     finish_pipeline(recipe, run_id)
     verdict = "PROMOTED" if decision["promoted"] else "not promoted"
-    print(f"\npromote: {verdict} — {decision['reason']}"
-          + (f" vs {decision['reference']}" if decision.get("reference") else ""))
+    print(
+        f"\npromote: {verdict} — {decision['reason']}"
+        + (f" vs {decision['reference']}" if decision.get("reference") else "")
+    )
     return decision
 
 
@@ -140,5 +179,7 @@ def _rollback(recipe: Recipe) -> dict[str, str]:
     if not all(previous.values()):
         raise MaltError("the champion set has no previous champion to roll back to")
     move_alias(recipe, CHAMPION, previous, client)
-    log.info("rollback: champion moved back to %s", ", ".join(f"{r} v{v}" for r, v in previous.items()))
+    log.info(
+        "rollback: champion moved back to %s", ", ".join(f"{r} v{v}" for r, v in previous.items())
+    )
     return previous

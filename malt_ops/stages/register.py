@@ -12,11 +12,15 @@ from malt_ops.stages.train import adapter_key
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
 
 STAGE = "register"
-HELP = ("Register the run's generator/verifier/refiner adapters as MLflow model versions "
-        "(<prefix>-<role>) pointing at the store, and give them alias 'challenger'.")
+HELP = (
+    "Register the run's generator/verifier/refiner adapters as MLflow model versions "
+    "(<prefix>-<role>) pointing at the store, and give them alias 'challenger'."
+)
 
 
-def _create_version(client, recipe: Recipe, run_id: str, name: str, role: str, tags: dict[str, str]):
+def _create_version(
+    client, recipe: Recipe, run_id: str, name: str, role: str, tags: dict[str, str]
+):
     """A model version whose source is the adapter in the store.
 
     An MLflow server refuses local paths as sources (only artifacts of a run may be local),
@@ -27,17 +31,27 @@ def _create_version(client, recipe: Recipe, run_id: str, name: str, role: str, t
 
     source = tags["malt_ops.store_uri"]
     try:
-        return client.create_model_version(name, source=source, tags=tags, description=f"from pipeline run {run_id}")
+        return client.create_model_version(
+            name, source=source, tags=tags, description=f"from pipeline run {run_id}"
+        )
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
             raise
     from malt_ops.tracking import parent_run_id
 
     parent = parent_run_id(client, recipe, run_id)
-    client.log_artifacts(parent, str(stage_output(recipe, run_id, "train").store.local_dir(
-        adapter_key(run_id, role))), artifact_path=f"adapters/{role}")
-    return client.create_model_version(name, source=f"runs:/{parent}/adapters/{role}", run_id=parent, tags=tags,
-                                       description=f"from pipeline run {run_id}")
+    client.log_artifacts(
+        parent,
+        str(stage_output(recipe, run_id, "train").store.local_dir(adapter_key(run_id, role))),
+        artifact_path=f"adapters/{role}",
+    )
+    return client.create_model_version(
+        name,
+        source=f"runs:/{parent}/adapters/{role}",
+        run_id=parent,
+        tags=tags,
+        description=f"from pipeline run {run_id}",
+    )
 
 
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -46,21 +60,33 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         return done
     evaluated = stage_output(recipe, run_id, "evaluate")
     if not evaluated.done():
-        raise MaltError(f"evaluate has not finished for run '{run_id}': run `malt-ops evaluate` first")
+        raise MaltError(
+            f"evaluate has not finished for run '{run_id}': run `malt-ops evaluate` first"
+        )
     if not recipe.tracking.enabled:
         raise MaltError("register needs MLflow: set tracking.enabled: true")
     store = out.store
-    missing = [r for r in ROLES if not store.exists(f"{adapter_key(run_id, r)}/adapter_config.json")]
+    missing = [
+        r for r in ROLES if not store.exists(f"{adapter_key(run_id, r)}/adapter_config.json")
+    ]
     if missing:
-        summary = {"registered": False, "versions": {},
-                   "reason": f"incomplete set: {', '.join(missing)} untrained; nothing registered"}
+        summary = {
+            "registered": False,
+            "versions": {},
+            "reason": f"incomplete set: {', '.join(missing)} untrained; nothing registered",
+        }
         log.warning("register: %s", summary["reason"])
         out.write_json("versions.json", summary)
         out.commit(summary)
         return summary
     report = store.read_json(evaluated.key("report.json"))
-    metrics = {metric_name(f"eval.{s['setting']}"): f"{s['mean']:.4f} ± {s['std']:.4f}" for s in report["settings"]}
-    data_hash = stage_output(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"]["sha256"]
+    metrics = {
+        metric_name(f"eval.{s['setting']}"): f"{s['mean']:.4f} ± {s['std']:.4f}"
+        for s in report["settings"]
+    }
+    data_hash = stage_output(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"][
+        "sha256"
+    ]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
     with registry_errors(recipe):
         versions = _register_set(recipe, run_id, base, data_hash, metrics)
@@ -68,11 +94,16 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out.write_json("versions.json", summary)
     out.commit(summary)
     log_stage(recipe, run_id, STAGE, metrics={f"{r}.version": int(v) for r, v in versions.items()})
-    log.info("register: challenger set %s", ", ".join(f"{model_name(recipe, r)} v{v}" for r, v in versions.items()))
+    log.info(
+        "register: challenger set %s",
+        ", ".join(f"{model_name(recipe, r)} v{v}" for r, v in versions.items()),
+    )
     return summary
 
 
-def _register_set(recipe: Recipe, run_id: str, base: str, data_hash: str, metrics: dict) -> dict[str, str]:
+def _register_set(
+    recipe: Recipe, run_id: str, base: str, data_hash: str, metrics: dict
+) -> dict[str, str]:
     store = stage_output(recipe, run_id, STAGE).store
     client = client_for(recipe)
     versions = {}
@@ -80,9 +111,15 @@ def _register_set(recipe: Recipe, run_id: str, base: str, data_hash: str, metric
         name = model_name(recipe, role)
         if client.search_registered_models(filter_string=f"name = '{name}'") == []:
             client.create_registered_model(name, description=f"MALT {role} LoRA adapter ({base})")
-        tags = {"malt_ops.run_id": run_id, "malt_ops.role": role, "base_model": str(base),
-                "recipe_digest": recipe.digest(), "data_sha256": data_hash,
-                "malt_ops.store_uri": store.uri(adapter_key(run_id, role)), **metrics}
+        tags = {
+            "malt_ops.run_id": run_id,
+            "malt_ops.role": role,
+            "base_model": str(base),
+            "recipe_digest": recipe.digest(),
+            "data_sha256": data_hash,
+            "malt_ops.store_uri": store.uri(adapter_key(run_id, role)),
+            **metrics,
+        }
         version = _create_version(client, recipe, run_id, name, role, tags)
         versions[role] = version.version
     for role in ROLES:

@@ -40,7 +40,9 @@ def policy_adapter_paths(recipe: Recipe) -> dict[str, str | None]:
     return {role: getattr(recipe.sampling.adapters, role) for role in ROLES}
 
 
-def load_policy_adapters(backend: InferenceBackend, paths: dict[str, str | None]) -> dict[str, str | None]:
+def load_policy_adapters(
+    backend: InferenceBackend, paths: dict[str, str | None]
+) -> dict[str, str | None]:
     """Load the sampling policy's role adapters; returns role -> adapter name (None = base model)."""
     names: dict[str, str | None] = {}
     for role in ROLES:
