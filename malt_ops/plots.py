@@ -15,6 +15,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def loss_curves(histories: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
     """One line per phase (sft, dpo): training loss against optimizer step."""
     plt = _pyplot()
@@ -28,10 +35,7 @@ def loss_curves(histories: dict[str, list[dict[str, Any]]], title: str, path: Pa
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def accuracy_bars(settings: list[tuple[str, float, float]], title: str, path: Path) -> Path:
@@ -49,10 +53,7 @@ def accuracy_bars(settings: list[tuple[str, float, float]], title: str, path: Pa
     ax.set_xticks(range(len(settings)), names, rotation=35, ha="right")
     ax.set_ylabel("accuracy %")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Path:
@@ -66,10 +67,7 @@ def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Pa
     ax.set_ylabel("accuracy %")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def value_histograms(histograms: dict[str, list[int]], threshold: float, path: Path) -> Path:
@@ -87,7 +85,4 @@ def value_histograms(histograms: dict[str, list[int]], threshold: float, path: P
         ax.set_xlim(0, 1)
     axes[0][0].set_ylabel("outputs")
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -11,10 +11,35 @@ import pytest
 # Airflow reads its home at import: give the test session its own, never ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="malt-airflow-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+# A developer's own MLflow server, S3 credentials or DAG recipe must not leak into tests:
+# the tests that need them set them explicitly.
+for _name in (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MALT_OPS_RECIPE",
+    "MALT_OPS_AWS_CONN_ID",
+    "MALT_OPS_S3_ENDPOINT_URL",
+):
+    os.environ.pop(_name, None)
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_RECIPE = REPO / "recipes" / "local.yaml"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 1500):
+    """Run `malt-ops ARGS` in a fresh process, as a user would; output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "malt_ops.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.fixture

@@ -1,19 +1,8 @@
 """The command line: help texts, one-line errors, exit codes."""
 
-import subprocess
-import sys
-
 import pytest
 
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "malt_ops.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(
@@ -30,7 +19,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_stage_help_says_what_it_does(stage, words):
-    done = cli(stage, "--help")
+    done = run_cli(stage, "--help")
     assert done.returncode == 0
     assert words in " ".join(done.stdout.split())
     for option in ("--recipe", "--run-id", "--set"):
@@ -50,7 +39,7 @@ def test_stage_help_says_what_it_does(stage, words):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(recipe_file, args, needle):
-    done = cli("prepare", "--recipe", str(recipe_file()), "--run-id", "bad", *args)
+    done = run_cli("prepare", "--recipe", str(recipe_file()), "--run-id", "bad", *args)
     assert done.returncode == 2
     assert needle in done.stderr
     assert "Traceback" not in done.stderr
@@ -58,11 +47,11 @@ def test_bad_input_is_one_line_and_exit_2(recipe_file, args, needle):
 
 
 def test_bad_run_id_and_missing_model(recipe_file, tmp_path):
-    done = cli("prepare", "--recipe", str(recipe_file()), "--run-id", "../escape")
+    done = run_cli("prepare", "--recipe", str(recipe_file()), "--run-id", "../escape")
     assert done.returncode == 2 and "run id" in done.stderr
     recipe = str(recipe_file())
-    assert cli("prepare", "--recipe", recipe, "--run-id", "m").returncode == 0
-    done = cli(
+    assert run_cli("prepare", "--recipe", recipe, "--run-id", "m").returncode == 0
+    done = run_cli(
         "sample",
         "--recipe",
         recipe,
@@ -76,7 +65,7 @@ def test_bad_run_id_and_missing_model(recipe_file, tmp_path):
     assert done.returncode == 2 and "model.path" in done.stderr and "Traceback" not in done.stderr
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
-    done = cli(
+    done = run_cli(
         "sample",
         "--recipe",
         recipe,

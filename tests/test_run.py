@@ -8,8 +8,6 @@ cycle 1's champion; the real gate is then checked on sets built from real evalua
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, run_cli
 
 pytestmark = pytest.mark.model
 ROLES = ("generator", "verifier", "refiner")
@@ -61,14 +59,7 @@ def env(s3_server, mlflow_server):
 
 
 def cli(env, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "malt_ops.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        check=False,
-        env=env,
-    )
+    return run_cli(*args, env=env)
 
 
 @pytest.fixture(scope="module")

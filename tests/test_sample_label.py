@@ -1,14 +1,13 @@
 """A real prepare -> sample -> label run through the CLI with SmolLM2-135M on this CPU."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from malt_ops.prompts import verifier_messages
 from malt_ops.tree import assign_values
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.model
 
@@ -23,16 +22,6 @@ OVERRIDES = [
 ]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "malt_ops.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -42,11 +31,14 @@ def sampled_run(tmp_path_factory, model_dir):
     tmp = tmp_path_factory.mktemp("run")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(
-        Path("recipes/local.yaml").read_text().replace(".state/store", str(tmp / "store"))
+        Path("recipes/local.yaml")
+        .read_text()
+        .replace(".state/store", str(tmp / "store"))
+        .replace("state_dir: .state", f"state_dir: {tmp / 'state'}")
     )
     sets = [arg for override in OVERRIDES for arg in ("--set", override)]
     for stage in ("prepare", "sample", "label"):
-        done = cli(stage, "--recipe", str(recipe), "--run-id", "t1", *sets)
+        done = run_cli(stage, "--recipe", str(recipe), "--run-id", "t1", *sets)
         assert done.returncode == 0, done.stderr[-2000:]
     return recipe, tmp / "store" / "runs" / "t1", sets
 
@@ -128,7 +120,7 @@ def test_datasets_match_labels(sampled_run):
 def test_rerun_skips_finished_stages(sampled_run):
     recipe, run, sets = sampled_run
     before = (run / "sample" / "trees" / "shard-0.jsonl").read_bytes()
-    done = cli("sample", "--recipe", str(recipe), "--run-id", "t1", *sets)
+    done = run_cli("sample", "--recipe", str(recipe), "--run-id", "t1", *sets)
     assert done.returncode == 0
     assert "already done" in done.stderr
     assert (run / "sample" / "trees" / "shard-0.jsonl").read_bytes() == before
@@ -136,7 +128,7 @@ def test_rerun_skips_finished_stages(sampled_run):
 
 def test_label_before_sampling_fails_clearly(sampled_run):
     recipe, _, sets = sampled_run
-    done = cli("label", "--recipe", str(recipe), "--run-id", "t1-local", *sets)
+    done = run_cli("label", "--recipe", str(recipe), "--run-id", "t1-local", *sets)
     assert done.returncode == 2
     assert "sample shard 0 of 1 has not finished for run 't1-local'" in done.stderr
     assert "Traceback" not in done.stderr

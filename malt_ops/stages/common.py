@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from malt_ops.config import Recipe
+from malt_ops.errors import MaltError
 from malt_ops.storage import StageOutput, open_store
 
 log = logging.getLogger("malt_ops")
@@ -25,3 +26,13 @@ def already_done(out: StageOutput) -> dict | None:
         summary = out.manifest().get("summary", {})
         return {**summary, "skipped": True}
     return None
+
+
+def require_done(recipe: Recipe, run_id: str, stage: str) -> StageOutput:
+    """The finished output of an earlier stage, or a one-line error saying which command to run."""
+    earlier = stage_output(recipe, run_id, stage)
+    if not earlier.done():
+        raise MaltError(
+            f"{stage} has not finished for run '{run_id}': run `malt-ops {stage}` first"
+        )
+    return earlier

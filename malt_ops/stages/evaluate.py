@@ -18,7 +18,7 @@ from malt_ops.backends import InferenceBackend, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
 from malt_ops.metrics import majority_vote, mean_std
-from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl
@@ -200,11 +200,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]:
     """The random test subset of each evaluation seed (the same for every system compared)."""
-    prepared = stage_output(recipe, run_id, "prepare")
-    if not prepared.done():
-        raise MaltError(
-            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
-        )
+    prepared = require_done(recipe, run_id, "prepare")
     test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")

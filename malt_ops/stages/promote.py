@@ -19,7 +19,7 @@ from malt_ops.registry import (
     move_alias,
 )
 from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
-from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
 
@@ -99,11 +99,7 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
         return done
-    registered = stage_output(recipe, run_id, "register")
-    if not registered.done():
-        raise MaltError(
-            f"register has not finished for run '{run_id}': run `malt-ops register` first"
-        )
+    registered = require_done(recipe, run_id, "register")
     versions = registered.manifest()["summary"].get("versions") or {}
     from malt_ops.stages.evaluate import setting_key
 

@@ -7,7 +7,7 @@ from typing import Any
 from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.registry import CHALLENGER, model_name
-from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
 
@@ -58,11 +58,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
         return done
-    evaluated = stage_output(recipe, run_id, "evaluate")
-    if not evaluated.done():
-        raise MaltError(
-            f"evaluate has not finished for run '{run_id}': run `malt-ops evaluate` first"
-        )
+    evaluated = require_done(recipe, run_id, "evaluate")
     if not recipe.tracking.enabled:
         raise MaltError("register needs MLflow: set tracking.enabled: true")
     store = out.store

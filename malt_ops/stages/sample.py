@@ -15,7 +15,7 @@ from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
 from malt_ops.grading import grade_many
 from malt_ops.prompts import generator_messages, refiner_messages, verifier_messages
-from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import log_stage
 
@@ -145,11 +145,7 @@ def run(
     out = stage_output(recipe, run_id, STAGE, unit=f"shard-{shard}")
     if (done := already_done(out)) is not None:
         return done
-    prepared = stage_output(recipe, run_id, "prepare")
-    if not prepared.done():
-        raise MaltError(
-            f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
-        )
+    prepared = require_done(recipe, run_id, "prepare")
     problems = shard_of(
         list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
     )

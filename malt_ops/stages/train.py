@@ -16,7 +16,7 @@ from typing import Any
 
 from malt_ops.config import TRAINED, Recipe
 from malt_ops.errors import MaltError
-from malt_ops.stages.common import already_done, log, stage_output
+from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import log_stage, stage_artifacts
 
@@ -42,9 +42,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE, unit=role)
     if (done := already_done(out)) is not None:
         return done
-    labeled = stage_output(recipe, run_id, "label")
-    if not labeled.done():
-        raise MaltError(f"label has not finished for run '{run_id}': run `malt-ops label` first")
+    labeled = require_done(recipe, run_id, "label")
     cfg = getattr(recipe.training, role)
     positives = list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_sft.jsonl")))
     pairs = (
