@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Airflow reads its home at import: give the test session its own, never ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="malt-airflow-"))
@@ -21,7 +22,6 @@ for _name in (
     "MALT_OPS_S3_ENDPOINT_URL",
 ):
     os.environ.pop(_name, None)
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_RECIPE = REPO / "recipes" / "local.yaml"
