@@ -263,7 +263,6 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         out.write_bytes("plots/accuracy.png", bars.read_bytes())
         out.write_bytes("plots/turnwise.png", lines.read_bytes())
     summary = {s["setting"]: {"mean": s["mean"], "std": s["std"]} for s in report["settings"]}
-    out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     metrics = {
         f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")
     }
@@ -277,6 +276,7 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         for system, flips in report["flips"].items()
         for kind, count in flips.items()
     }
+    out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     print(
         f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"

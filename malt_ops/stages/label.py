@@ -171,7 +171,6 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
             stats["value_histograms"], recipe.labeling.threshold, Path(scratch) / "values.png"
         )
         out.write_bytes("plots/values.png", plot.read_bytes())
-    out.commit(stats)
     metrics = {
         f"{role}.{kind}": s[kind]
         for role, s in stats["roles"].items()
@@ -181,6 +180,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         "star.positives": stats["star"]["positives"],
         "questions_without_positive": stats["questions_without_positive"],
     }
+    out.commit(stats)
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     rows = [
         f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"

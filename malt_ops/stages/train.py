@@ -123,11 +123,11 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     summary["trained"] = True
     summary["wall_seconds"] = time.perf_counter() - started
     out.write_json(f"metrics/{role}.json", {**summary, "history": histories})
-    out.commit(summary)
     series = {
         f"{phase}_loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
         for phase, history in histories.items()
     }
+    out.commit(summary)
     log_stage(
         recipe, run_id, STAGE, role, metrics=summary, series=series, artifacts=stage_artifacts(out)
     )
