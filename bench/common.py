@@ -41,3 +41,11 @@ def append_result(title: str, body: str, notes: str = "") -> None:
         text += f"\n{notes}\n"
     with open(RESULTS, "a", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def report(script: str, body: str, verdict: str, append: bool = True) -> None:
+    """Print a bench's table and its target verdict; append both to RESULTS.md unless told not to."""
+    print(body)
+    print(verdict)
+    if append:
+        append_result(script, body, verdict)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import append_result, table
+from common import report, table
 
 from malt_ops.backends import SamplingParams
 from malt_ops.backends.hf import HFBackend
@@ -142,12 +142,9 @@ def main() -> None:
         f"SmolLM2-135M-Instruct (packaged, fp32), hf backend, GSM8K questions, "
         f"max_new_tokens={args.max_new_tokens}, temperature 0.3.\n\n{tree_table}\n\n{batch_table}"
     )
-    print(body)
     speedup = naive_seconds / tree_seconds
     verdict = f"Target: tree >= 4x faster than the naive loop at n=m=l=3 -> {'met' if speedup >= 4 else 'NOT met'} ({speedup:.1f}x)."
-    print(verdict)
-    if not args.no_append:
-        append_result("bench/sampling.py", body, verdict)
+    report("bench/sampling.py", body, verdict, append=not args.no_append)
 
 
 if __name__ == "__main__":

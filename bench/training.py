@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import append_result, table
+from common import report, table
 
 ROLES = ("generator", "verifier", "refiner")
 
@@ -136,12 +136,9 @@ def main() -> None:
         + "\n\n"
         + table(["role", "DPO peak / SFT peak"], [[r, f"{x:.2f}x"] for r, x in ratios])
     )
-    print(body)
     met = all(x <= 1.2 for _, x in ratios)
     verdict = f"Target: DPO peak <= 1.2x SFT peak -> {'met' if met else 'NOT met'}."
-    print(verdict)
-    if not args.no_append:
-        append_result("bench/training.py", body, verdict)
+    report("bench/training.py", body, verdict, append=not args.no_append)
 
 
 if __name__ == "__main__":

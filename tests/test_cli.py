@@ -51,31 +51,25 @@ def test_bad_run_id_and_missing_model(recipe_file, tmp_path):
     assert done.returncode == 2 and "run id" in done.stderr
     recipe = str(recipe_file())
     assert run_cli("prepare", "--recipe", recipe, "--run-id", "m").returncode == 0
-    done = run_cli(
-        "sample",
-        "--recipe",
-        recipe,
-        "--run-id",
-        "m",
-        "--set",
-        "model.source=path",
-        "--set",
-        f"model.path={tmp_path}/missing-model",
-    )
+
+    def sample_with(model_path):
+        return run_cli(
+            "sample",
+            "--recipe",
+            recipe,
+            "--run-id",
+            "m",
+            "--set",
+            "model.source=path",
+            "--set",
+            f"model.path={model_path}",
+        )
+
+    done = sample_with(tmp_path / "missing-model")
     assert done.returncode == 2 and "model.path" in done.stderr and "Traceback" not in done.stderr
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
-    done = run_cli(
-        "sample",
-        "--recipe",
-        recipe,
-        "--run-id",
-        "m",
-        "--set",
-        "model.source=path",
-        "--set",
-        f"model.path={corrupt}",
-    )
+    done = sample_with(corrupt)
     assert (
         done.returncode == 2
         and "could not read GGUF" in done.stderr
