@@ -38,12 +38,12 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
-	$(BIN)/ruff check malt_ops tests bench dags
-	$(BIN)/ruff format --check malt_ops tests bench dags
+	$(BIN)/ruff check malt_ops tests bench dags docker
+	$(BIN)/ruff format --check malt_ops tests bench dags docker
 
 style: setup
-	$(BIN)/ruff format malt_ops tests bench dags
-	$(BIN)/ruff check --fix malt_ops tests bench dags
+	$(BIN)/ruff format malt_ops tests bench dags docker
+	$(BIN)/ruff check --fix malt_ops tests bench dags docker
 
 bench: setup
 	$(BIN)/python bench/sampling.py
@@ -51,3 +51,24 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .state
+
+# Container images (docker/<kind>.Dockerfile, the repository root as build context): the stage
+# images the Kubernetes execution mode runs (trainer, sampler, light) and the Airflow image.
+# The defaults match the images malt_ops.config.StageImages points at.
+DOCKER ?= docker
+IMAGE_REGISTRY ?= ghcr.io/malt-ops
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_KINDS := trainer sampler light airflow
+image_ref = $(IMAGE_REGISTRY)/malt-ops-$(1):$(IMAGE_TAG)
+
+.PHONY: images push-images $(addprefix image-,$(IMAGE_KINDS)) $(addprefix push-image-,$(IMAGE_KINDS))
+
+images: $(addprefix image-,$(IMAGE_KINDS))
+
+$(addprefix image-,$(IMAGE_KINDS)): image-%:
+	$(DOCKER) build -f docker/$*.Dockerfile -t $(call image_ref,$*) .
+
+push-images: $(addprefix push-image-,$(IMAGE_KINDS))
+
+$(addprefix push-image-,$(IMAGE_KINDS)): push-image-%: image-%
+	$(DOCKER) push $(call image_ref,$*)

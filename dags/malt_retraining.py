@@ -1,9 +1,11 @@
-"""MALT retraining: prepare -> sample (per shard) -> label -> train (per role, STaR beside)
--> evaluate -> register -> promote.
+"""MALT retraining: plan -> prepare -> sample (per shard) -> label -> train (per role, STaR
+beside) -> evaluate -> register -> promote.
 
 Each cycle samples with the current champion adapters, so cycle k improves on cycle k-1.
+Every stage runs its ``malt-ops`` argument list from the plan: in-process in the `local`
+execution mode, as a pod in `kubernetes` mode (``$MALT_OPS_EXECUTION_MODE``).
 
-Wiring only: every task calls a stage function through malt_ops.orchestration.
+Wiring only: planning lives in malt_ops.orchestration, tasks in malt_ops.execution.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, task
 
-from malt_ops.config import TRAINED
+from malt_ops.execution import StageTasks
 from malt_ops.orchestration import (
-    call_stage,
     dag_recipe_path,
     dag_schedule,
     load_dag_recipe,
-    shard_ids,
+    plan_run,
+    role_arguments,
+    shard_arguments,
 )
 
 recipe = load_dag_recipe()
@@ -45,44 +48,26 @@ with DAG(
     },
     doc_md=__doc__,
 ) as dag:
+    stages = StageTasks(recipe)
+
+    @task(multiple_outputs=True)
+    def plan(**context) -> dict:
+        return plan_run(context)
 
     @task
-    def prepare(**context) -> str:
-        return call_stage("prepare", context)
+    def shards(malt_run_id: str, **context) -> list[list[str]]:
+        return shard_arguments(context)
 
     @task
-    def shards(malt_run_id: str, **context) -> list[int]:
-        return shard_ids(context)
+    def roles(malt_run_id: str, **context) -> list[list[str]]:
+        return role_arguments(context)
 
-    @task(map_index_template="shard {{ task.op_kwargs['shard'] }}")
-    def sample(malt_run_id: str, shard: int, **context) -> str:
-        return call_stage("sample", context, shard=shard)
-
-    @task
-    def label(malt_run_id: str, **context) -> str:
-        return call_stage("label", context)
-
-    @task(map_index_template="{{ task.op_kwargs['role'] }}")
-    def train(malt_run_id: str, role: str, **context) -> str:
-        return call_stage("train", context, role=role)
-
-    @task
-    def evaluate(malt_run_id: str, **context) -> str:
-        return call_stage("evaluate", context)
-
-    @task
-    def register(malt_run_id: str, **context) -> str:
-        return call_stage("register", context)
-
-    @task
-    def promote(malt_run_id: str, **context) -> str:
-        return call_stage("promote", context)
-
-    malt_run_id = prepare()
-    sampled = sample.partial(malt_run_id=malt_run_id).expand(shard=shards(malt_run_id))
-    labeled = label(malt_run_id)
-    trained = train.partial(malt_run_id=labeled).expand(role=list(TRAINED))
-    evaluated = evaluate(malt_run_id)
-    sampled >> labeled
-    trained >> evaluated
-    promote(register(evaluated))
+    run = plan()
+    prepared = stages.single("prepare", run["prepare"])
+    sampled = stages.mapped("sample", shards(run["run_id"]), name_prefix="shard ")
+    labeled = stages.single("label", run["label"])
+    trained = stages.mapped("train", roles(run["run_id"]))
+    evaluated = stages.single("evaluate", run["evaluate"])
+    registered = stages.single("register", run["register"])
+    promoted = stages.single("promote", run["promote"])
+    prepared >> sampled >> labeled >> trained >> evaluated >> registered >> promoted

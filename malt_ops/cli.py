@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STAGE_COMMANDS = ("prepare", "sample", "label", "train", "evaluate", "register", "promote")
+
+
+def run_stage(arguments: list[str]) -> dict[str, Any]:
+    """Run one stage from its ``malt-ops`` argument list in this process (Airflow's local mode).
+
+    The same list is what a stage pod runs; errors raise MaltError instead of exiting.
+    """
+    if not arguments or arguments[0] not in STAGE_COMMANDS:
+        raise MaltError(f"not a stage command: {arguments[:1]}; expected one of {STAGE_COMMANDS}")
+    args = build_parser().parse_args(arguments)
+    return args.handler(args) or {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +213,90 @@ class PromotionConfig(_Section):
     bootstrap_samples: int = Field(default=10_000, gt=0)
 
 
+class StageImages(_Section):
+    """Container image per stage kind (see docker/)."""
+
+    sampler: str = "ghcr.io/malt-ops/malt-ops-sampler:0.1.0"
+    """vLLM + malt-ops: sample, evaluate, promote (promote re-evaluates the champion)."""
+    trainer: str = "ghcr.io/malt-ops/malt-ops-trainer:0.1.0"
+    """CUDA PyTorch + TRL + malt-ops: train."""
+    light: str = "ghcr.io/malt-ops/malt-ops-light:0.1.0"
+    """CPU-only malt-ops (no torch): prepare, label, register."""
+
+
+class Toleration(_Section):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class GpuPool(_Section):
+    """Where GPU stages go: the node pool's selector and taints, and the GPUs each pod asks for."""
+
+    resource: str = "nvidia.com/gpu"
+    count: int = Field(default=1, gt=0)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", effect="NoSchedule")]
+    )
+
+
+class PodResources(_Section):
+    """Kubernetes requests/limits for one stage kind (quantities as strings: "8", "64Gi")."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+def _default_resources() -> dict[str, PodResources]:
+    return {
+        "sampler": PodResources(requests={"cpu": "8", "memory": "64Gi"}, limits={"memory": "64Gi"}),
+        "trainer": PodResources(requests={"cpu": "8", "memory": "64Gi"}, limits={"memory": "64Gi"}),
+        "light": PodResources(requests={"cpu": "1", "memory": "4Gi"}, limits={"memory": "4Gi"}),
+    }
+
+
+class KubernetesConfig(_Section):
+    """How the `kubernetes` execution mode runs each stage as a pod.
+
+    The Helm chart writes the cluster's values (namespace, images, GPU pool, secrets) to a
+    file that the DAG reads through ``MALT_OPS_KUBERNETES_VALUES``; keys set in a recipe's
+    ``kubernetes`` section win over that file.
+    """
+
+    namespace: str = "malt-ops-jobs"
+    service_account: str = "malt-ops-job"
+    images: StageImages = Field(default_factory=StageImages)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    gpu: GpuPool = Field(default_factory=GpuPool)
+    resources: dict[Literal["sampler", "trainer", "light"], PodResources] = Field(
+        default_factory=_default_resources
+    )
+    secrets: list[str] = Field(default_factory=lambda: ["malt-ops-s3", "malt-ops-mlflow"])
+    """Kubernetes Secrets whose keys become the pod's environment (envFrom)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Plain (non-secret) environment, e.g. MLFLOW_TRACKING_URI, MALT_OPS_S3_ENDPOINT_URL."""
+    recipes_config_map: str | None = "malt-ops-recipes"
+    recipes_mount_path: str = "/etc/malt-ops/recipes"
+    scratch_size_limit: str = "200Gi"
+    """emptyDir for caches and temporary files (the root filesystem is read-only)."""
+    shm_size_limit: str = "16Gi"
+    startup_timeout_seconds: int = Field(default=1800, gt=0)
+    """Long enough for a GPU node to scale up from zero and pull a large image."""
+    deferrable: bool = True
+    run_as_user: int = Field(default=1000, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("namespace", "service_account")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+            raise ValueError("must be a DNS label: lower-case letters, digits and '-'")
+        return value
+
+
 class Recipe(_Section):
     name: str = "recipe"
     run: RunConfig = Field(default_factory=RunConfig)
@@ -226,6 +311,7 @@ class Recipe(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @field_validator("name")
     @classmethod
@@ -269,7 +355,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -298,4 +384,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise MaltError(_describe(exc, f"recipe {path}")) from None
+        raise MaltError(describe_validation_error(exc, f"recipe {path}")) from None

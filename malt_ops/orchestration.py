@@ -1,18 +1,18 @@
-"""The glue between Airflow tasks and stage functions (the DAG file stays wiring only).
+"""The glue between Airflow and the stages: the DAG's recipe, the run id, each stage's arguments.
 
-XCom carries only the run id; every task reloads the recipe from the DAG run's params.
+A run is planned once (recipe checked, run id fixed, one ``malt-ops`` argument list per stage
+task); every stage task then runs its list, in-process or as a pod (see malt_ops.execution).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from malt_ops.config import Recipe, load_recipe
+from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.storage import validate_run_id
 
 log = logging.getLogger("malt_ops")
@@ -49,22 +49,51 @@ def run_id_for(context: dict[str, Any]) -> str:
     return validate_run_id(re.sub(r"[^A-Za-z0-9_.:+-]", "-", context["dag_run"].run_id))
 
 
-def call_stage(stage: str, context: dict[str, Any], **kwargs: Any) -> str:
-    """Run ``malt_ops.stages.<stage>.run`` for this DAG run; returns the run id for XCom."""
-    module = importlib.import_module(f"malt_ops.stages.{stage}")
-    run_id = run_id_for(context)
-    summary = module.run(recipe_for(context), run_id, **kwargs)
-    log.info(
-        "%s finished for run %s: %s",
+def stage_arguments(stage: str, context: dict[str, Any], *extra: str) -> list[str]:
+    """The ``malt-ops`` argument list that runs ``stage`` for this DAG run.
+
+    The same list runs in-process (local mode) or as a pod's args (kubernetes mode). It is a
+    list, never a shell string: recipe values cannot inject commands.
+    """
+    params = _params(context)
+    arguments = [
         stage,
-        run_id,
-        {k: v for k, v in (summary or {}).items() if not isinstance(v, dict | list)},
-    )
-    return run_id
+        "--recipe",
+        str(params.get("recipe") or dag_recipe_path()),
+        "--run-id",
+        run_id_for(context),
+    ]
+    for override in params.get("overrides") or []:
+        arguments += ["--set", str(override)]
+    return [*arguments, *extra]
 
 
-def shard_ids(context: dict[str, Any]) -> list[int]:
-    return list(range(recipe_for(context).sampling.num_shards))
+SINGLE_STAGES = ("prepare", "label", "evaluate", "register", "promote")
+
+
+def plan_run(context: dict[str, Any]) -> dict[str, Any]:
+    """Check the recipe and overrides once, up front; the run id and each stage's arguments.
+
+    Only ids, paths and argument lists travel through XCom, never data.
+    """
+    recipe_for(context)  # fail here, in one line, before any pod or stage starts
+    return {"run_id": run_id_for(context)} | {
+        stage: stage_arguments(stage, context) for stage in SINGLE_STAGES
+    }
+
+
+def shard_arguments(context: dict[str, Any]) -> list[list[str]]:
+    """One ``sample`` argument list per shard (the shard last: it names the mapped task)."""
+    shards = recipe_for(context).sampling.num_shards
+    return [
+        stage_arguments("sample", context, "--num-shards", str(shards), "--shard", str(shard))
+        for shard in range(shards)
+    ]
+
+
+def role_arguments(context: dict[str, Any]) -> list[list[str]]:
+    """One ``train`` argument list per trained adapter (the role last: it names the mapped task)."""
+    return [stage_arguments("train", context, "--role", role) for role in TRAINED]
 
 
 def training_set_asset_uri(recipe: Recipe) -> str | None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from malt_ops.errors import MaltError
 from tests.conftest import LOCAL_RECIPE
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
@@ -24,10 +25,12 @@ def test_no_import_errors(dagbag):
 def test_tasks_and_dependencies(dagbag):
     dag = dagbag.dags["malt_retraining"]
     assert set(dag.task_ids) == {
+        "plan",
         "prepare",
         "shards",
         "sample",
         "label",
+        "roles",
         "train",
         "evaluate",
         "register",
@@ -36,14 +39,53 @@ def test_tasks_and_dependencies(dagbag):
     downstream = {
         task_id: set(dag.get_task(task_id).downstream_task_ids) for task_id in dag.task_ids
     }
-    assert downstream["prepare"] == {"shards", "sample", "label", "evaluate"}
+    stages = {"prepare", "label", "evaluate", "register", "promote"}
+    assert downstream["plan"] == stages | {"shards", "roles"}
+    assert downstream["prepare"] == {"sample"}
     assert downstream["shards"] == {"sample"}
     assert downstream["sample"] == {"label"}
     assert downstream["label"] == {"train"}
+    assert downstream["roles"] == {"train"}
     assert downstream["train"] == {"evaluate"}
     assert downstream["evaluate"] == {"register"}
     assert downstream["register"] == {"promote"}
     assert downstream["promote"] == set()
+
+
+def test_local_mode_runs_stages_in_process(dagbag):
+    from malt_ops.execution import run_stage_arguments
+
+    dag = dagbag.dags["malt_retraining"]
+    for stage in ("prepare", "sample", "label", "train", "evaluate", "register", "promote"):
+        assert dag.get_task(stage).python_callable is run_stage_arguments, stage
+
+
+def test_plan_builds_one_argument_list_per_stage_task(monkeypatch):
+    from types import SimpleNamespace
+
+    from malt_ops.orchestration import plan_run, role_arguments, shard_arguments
+
+    context = {
+        "params": {
+            "recipe": str(LOCAL_RECIPE),
+            "run_id": None,
+            "overrides": ["sampling.num_shards=3"],
+        },
+        "dag_run": SimpleNamespace(run_id="manual__2026-11-21T10:00:00+00:00"),
+    }
+    plan = plan_run(context)
+    run_id = plan["run_id"]
+    assert run_id == "manual__2026-11-21T10:00:00+00:00"
+    assert plan["label"] == [
+        "label", "--recipe", str(LOCAL_RECIPE), "--run-id", run_id, "--set", "sampling.num_shards=3"
+    ]  # fmt: skip
+    assert [a[-4:] for a in shard_arguments(context)] == [
+        ["--num-shards", "3", "--shard", str(i)] for i in range(3)
+    ]
+    assert [a[-1] for a in role_arguments(context)] == ["generator", "verifier", "refiner", "star"]
+    bad = {**context, "params": {**context["params"], "overrides": ["sampling.n=-1"]}}
+    with pytest.raises(MaltError, match=r"sampling\.n"):
+        plan_run(bad)
 
 
 def test_schedule_tags_retries_and_params(dagbag):
@@ -63,7 +105,7 @@ def test_dag_file_is_wiring_only():
     # Tasks delegate to stage functions; no model, data or training code lives in the DAG.
     for forbidden in ("transformers", "torch", "trl", "open(", "jsonl"):
         assert forbidden not in source
-    assert source.count("call_stage(") == 7
+    assert source.count("stages.single(") == 5 and source.count("stages.mapped(") == 2
 
 
 def test_new_training_data_also_triggers_a_cycle(tmp_path):
