@@ -46,6 +46,8 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
             )
         asset, member = PACKAGED_MODELS[cfg.name]
         return convert_gguf(asset_path(asset, member))
+    if cfg.path and cfg.path.startswith("s3://"):
+        return fetch_s3_model(cfg.path)
     path = Path(os.path.expanduser(cfg.path or ""))
     if not cfg.path or not path.exists():
         raise MaltError(
@@ -63,6 +65,40 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
             f"model.path '{path}' has no config.json: not a Hugging Face model directory"
         )
     return path
+
+
+def fetch_s3_model(uri: str) -> Path:
+    """Download a model directory from ``s3://bucket/prefix`` into the cache, once.
+
+    Files stream to disk one by one into a scratch directory that is renamed into place
+    when complete, so a killed download is never mistaken for a model.
+    """
+    from malt_ops.s3 import S3Store
+
+    uri = uri.rstrip("/")
+    target = cache_dir() / "models" / f"s3-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    if (target / "config.json").exists():
+        return target
+    store = S3Store(uri)
+    names = store.list("")
+    if "config.json" not in names:
+        raise MaltError(
+            f"model.path '{uri}' has no config.json: not a Hugging Face model directory"
+            if names
+            else f"model.path '{uri}' is empty or missing: upload the model directory there"
+        )
+    log.info("downloading %d model files from %s (once; cached in %s)", len(names), uri, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+    try:
+        for name in names:
+            store.download_file(name, scratch / name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 def convert_gguf(gguf_file: Path) -> Path:

@@ -214,7 +214,8 @@ class S3Store(Store):
         return self._call(key, head)
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix).rstrip("/") + "/"
+        full = self._key(prefix).rstrip("/")
+        full = f"{full}/" if full else ""
         paginator = self.client.get_paginator("list_objects_v2")
         keys = []
         pages = self._call(
@@ -238,11 +239,14 @@ class S3Store(Store):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def download_file(self, key: str, target: Path) -> Path:
+        """Stream one object to a local file (no whole-file read into memory)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._call(key, self.client.download_file, self.bucket, self._key(key), str(target))
+        return target
+
 
 def download(uri: str, target: Path) -> Path:
     """Fetch one s3:// object to a local file (for data sources given as s3:// paths)."""
     bucket, key = split_uri(uri)
-    store = S3Store(f"s3://{bucket}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    store._call(key, store.client.download_file, bucket, key, str(target))
-    return target
+    return S3Store(f"s3://{bucket}").download_file(key, target)

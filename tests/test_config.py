@@ -51,3 +51,9 @@ def test_missing_and_broken_recipe_files(tmp_path):
     reasoning_gym_without_task.write_text("data: {benchmark: reasoning_gym}\n")
     with pytest.raises(MaltError, match=r"data\.task is required"):
         load_recipe(reasoning_gym_without_task)
+
+
+@pytest.mark.parametrize("path", sorted(LOCAL_RECIPE.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem

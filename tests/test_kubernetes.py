@@ -67,6 +67,7 @@ def cluster(tmp_path_factory):
     )
     patch = pytest.MonkeyPatch()
     patch.setenv("MALT_OPS_EXECUTION_MODE", "kubernetes")
+    patch.setenv("MALT_OPS_RECIPE", str(LOCAL_RECIPE.parent / "cluster.yaml"))
     patch.setenv("MALT_OPS_KUBERNETES_VALUES", str(values))
     patch.setenv("KUBECONFIG", str(kubeconfig))
     patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)

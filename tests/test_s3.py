@@ -35,6 +35,28 @@ def test_store_roundtrip_manifest_and_listing(s3_env, tmp_path):
     assert store.uri("k").startswith(f"s3://{s3_env['bucket']}/")
 
 
+def test_model_directory_from_s3_is_cached_whole(s3_env, tmp_path, monkeypatch):
+    from malt_ops.config import ModelConfig
+    from malt_ops.models import resolve_model_dir
+
+    monkeypatch.setenv("MALT_OPS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{s3_env['bucket']}/models/{uuid.uuid4().hex}"
+    store = open_store(uri)
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "sub" / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
+    for path in (p for p in model.rglob("*") if p.is_file()):
+        store.write_bytes(path.relative_to(model).as_posix(), path.read_bytes())
+    local = resolve_model_dir(ModelConfig(source="path", path=uri))
+    assert (local / "sub" / "model.safetensors").read_bytes() == bytes(range(256)) * 4096
+    assert not [p for p in local.parent.iterdir() if ".partial-" in p.name]
+    store.delete_prefix("")  # the cached copy is used from now on
+    assert resolve_model_dir(ModelConfig(source="path", path=uri + "/")) == local
+    with pytest.raises(MaltError, match="is empty or missing"):
+        resolve_model_dir(ModelConfig(source="path", path=f"{uri}-absent"))
+
+
 def test_multipart_upload_of_a_large_file(s3_env, tmp_path, monkeypatch):
     import malt_ops.s3 as s3
 
