@@ -68,12 +68,24 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _experiment_id(client, name: str) -> str:
+def _artifact_location(recipe: Recipe) -> str | None:
+    """Artifacts beside the default SQLite store, not in ./mlruns of whatever directory we run in.
+
+    A server (http) or a user-chosen store keeps its own artifact root.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.uri:
+        return None
+    state = Path(recipe.run.state_dir).expanduser().resolve()
+    return (state / "mlartifacts").as_uri()
+
+
+def _experiment_id(client, recipe: Recipe) -> str:
+    name = recipe.tracking.experiment
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=_artifact_location(recipe))
     except Exception:  # created by a concurrent task in the meantime
         return client.get_experiment_by_name(name).experiment_id
 
@@ -82,7 +94,7 @@ def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
     """The pipeline's parent run (created with the recipe as params on first use)."""
     from mlflow.entities import Param
 
-    experiment_id = _experiment_id(client, recipe.tracking.experiment)
+    experiment_id = _experiment_id(client, recipe)
     found = client.search_runs(
         [experiment_id],
         filter_string=(f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'"),

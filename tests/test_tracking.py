@@ -123,6 +123,20 @@ def test_mlflow_down_does_not_lose_the_stage(recipe_file, monkeypatch, caplog):
     assert "MLflow tracking of prepare failed" in caplog.text
 
 
+def test_default_store_keeps_artifacts_under_the_state_dir(recipe_file, monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    recipe = load_recipe(recipe_file())
+    prepare.run(recipe, "local-artifacts")
+    client = MlflowClient(f"sqlite:///{Path(recipe.run.state_dir) / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(recipe.tracking.experiment)
+    assert experiment.artifact_location == (Path(recipe.run.state_dir) / "mlartifacts").as_uri()
+    assert list((Path(recipe.run.state_dir) / "mlartifacts").rglob("*.json"))
+    assert not (workdir / "mlruns").exists()
+
+
 def test_no_secret_reaches_mlflow_manifests_or_logs(
     tracked_recipe, mlflow_server, s3_env, monkeypatch, caplog
 ):
