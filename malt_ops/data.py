@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ MATH_SUBJECTS = (
     "precalculus",
 )
 _MAX_QUESTION_CHARS = 20_000
+_MAX_GOLD_CHARS = 200
+"""Longer than any extracted answer can be (grading keeps 200 characters): not a usable gold."""
 
 
 @dataclass
@@ -53,17 +56,28 @@ def make_problem(
     """Build and validate one record; raises ValueError with the reason to skip it."""
     if pid is None or str(pid).strip() == "":
         raise ValueError("missing id")
-    if not isinstance(question, str) or not question.strip():
+    if isinstance(pid, bool) or not isinstance(pid, str | int):
+        raise ValueError("id is not a string or integer")
+    if question is None or (isinstance(question, str) and not question.strip()):
         raise ValueError("missing question")
+    if not isinstance(question, str):
+        raise ValueError("question is not text")
     if len(question) > _MAX_QUESTION_CHARS:
         raise ValueError("question too long")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError("missing gold answer")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise ValueError("gold answer is not text or a number")
     gold = str(answer).strip()
     if benchmark == "gsm8k":
         gold = gsm8k_gold(gold) if "####" in gold else gsm8k_gold(f"#### {gold}")
     elif benchmark == "math":
-        gold = math_gold(gold) or gold
+        # A bare answer ("3/4") is its own gold; a solution must end in a readable \boxed{}.
+        boxed = math_gold(gold)
+        if boxed is not None:
+            gold = boxed
+        elif "\\boxed" in gold or "\\fbox" in gold or len(gold) > _MAX_GOLD_CHARS:
+            gold = ""
     elif benchmark == "csqa":
         gold = letter_answer(gold) or ""
         if not isinstance(choices, list) or not 2 <= len(choices) <= 5:
@@ -224,8 +238,11 @@ def _read_table(path: str) -> list[dict[str, Any]]:
     if path.startswith("s3://"):
         import tempfile
 
-        from malt_ops.s3 import download
+        from malt_ops.s3 import S3Store, download, split_uri
 
+        bucket, key = split_uri(path)
+        if not S3Store(f"s3://{bucket}").exists(key):
+            raise MaltError(f"data file {path} does not exist")
         with tempfile.TemporaryDirectory(prefix="malt-data-") as scratch:
             local = download(path, Path(scratch) / Path(path).name)
             return _read_local_table(path, local)
@@ -236,17 +253,32 @@ def _read_local_table(path: str, local: Path) -> list[dict[str, Any]]:
     if not local.is_file():
         raise MaltError(f"data file {path} does not exist")
     if local.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(local).to_pylist()
+        try:
+            return pq.read_table(local).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise MaltError(
+                f"data file {path} is not a readable Parquet file ({str(exc).splitlines()[0]})"
+            ) from None
     if local.suffix not in (".jsonl", ".json") and not path.endswith(".jsonl.gz"):
         raise MaltError(f"data file {path}: expected .jsonl, .jsonl.gz or .parquet")
-    opener = gzip.open if path.endswith(".gz") else open
+    zipped = path.endswith(".gz")
+    try:
+        return _read_jsonl_lines(path, gzip.open(local, "rb") if zipped else open(local, "rb"))
+    except (OSError, EOFError, zlib.error) as exc:
+        if zipped:  # a corrupt or cut-off .gz
+            raise MaltError(f"data file {path} is not a readable gzip file ({exc})") from None
+        raise MaltError(f"data file {path} cannot be read ({exc})") from None
+
+
+def _read_jsonl_lines(path: str, handle: Any) -> list[dict[str, Any]]:
     rows = []
-    with opener(local, "rb") as handle:
+    with handle:
         for number, raw in enumerate(handle, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise MaltError(f"{path} line {number}: not UTF-8 text") from None
             if not line.strip():
@@ -254,7 +286,14 @@ def _read_local_table(path: str, local: Path) -> list[dict[str, Any]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MaltError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                hint = (
+                    ": the file must be JSON Lines, one object per line, not one JSON array"
+                    if number == 1 and line.strip() == "["
+                    else ""
+                )
+                raise MaltError(f"{path} line {number}: not valid JSON ({exc.msg}){hint}") from None
+            except RecursionError:
+                raise MaltError(f"{path} line {number}: JSON nested too deeply") from None
             if not isinstance(value, dict):
                 raise MaltError(f"{path} line {number}: expected a JSON object")
             rows.append(value)

@@ -23,6 +23,9 @@ _FALLBACK_RE = re.compile(r"\banswer\s+is\s*[:：]?\s*", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 _MAX_ANSWER_CHARS = 200
+MAX_OUTPUT_CHARS = 50_000
+"""A model output longer than this is degenerate (a loop, not an answer): counted by sample,
+never taught by label."""
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ keyed by the file's content hash, so later loads take seconds instead of half a 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,10 +48,15 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
             )
         asset, member = PACKAGED_MODELS[cfg.name]
         return convert_gguf(asset_path(asset, member))
-    if cfg.path and cfg.path.startswith("s3://"):
+    if not cfg.path:
+        raise MaltError(
+            "model.source is 'path' but model.path is not set: give a Hugging Face model "
+            "directory, a .gguf file or an s3:// directory"
+        )
+    if cfg.path.startswith("s3://"):
         return fetch_s3_model(cfg.path)
-    path = Path(os.path.expanduser(cfg.path or ""))
-    if not cfg.path or not path.exists():
+    path = Path(os.path.expanduser(cfg.path))
+    if not path.exists():
         raise MaltError(
             f"model.path '{cfg.path}' does not exist: point it at a Hugging Face "
             "model directory or a .gguf file"
@@ -60,11 +67,83 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
                 f"model.path '{path}' is a file but not a .gguf: give a model directory or a GGUF file"
             )
         return convert_gguf(path)
-    if not (path / "config.json").exists():
-        raise MaltError(
-            f"model.path '{path}' has no config.json: not a Hugging Face model directory"
-        )
+    check_model_dir(path, f"model.path '{path}'")
     return path
+
+
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_model_dir(path: Path, what: str) -> None:
+    """A Hugging Face model directory's files are there and readable (checked before any load)."""
+    if not (path / "config.json").exists():
+        raise MaltError(f"{what} has no config.json: not a Hugging Face model directory")
+    config = _json_object(path / "config.json")
+    if config is None or not config.get("model_type"):
+        raise MaltError(
+            f"{what}: config.json is not a JSON object with a model_type: the directory is corrupt"
+        )
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    if not weights:
+        raise MaltError(f"{what} has no weights (*.safetensors or *.bin): the copy is incomplete")
+    for file in weights:
+        if file.suffix == ".safetensors" and (problem := _safetensors_problem(file)):
+            raise MaltError(f"{what}: {file.name} {problem}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be loaded (header unreadable or data cut off), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return "is truncated (no header)"
+        length = struct.unpack("<Q", head)[0]
+        if length > size - 8 or length > 100_000_000:
+            return "is truncated or corrupt (header longer than the file)"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            return "is corrupt (header is not JSON)"
+    if not isinstance(header, dict):
+        return "is corrupt (header is not a JSON object)"
+    ends = [
+        t["data_offsets"][1]
+        for name, t in header.items()
+        if name != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+    ]
+    if max(ends, default=0) > size - 8 - length:
+        return "is truncated (tensor data ends before its header says)"
+    return None
+
+
+def check_adapter_dir(path: str) -> None:
+    """A local PEFT adapter directory is complete, checked before the base model is loaded."""
+    directory = Path(os.path.expanduser(path))
+    if not directory.is_dir():
+        raise MaltError(f"adapter {path} does not exist or is not a directory")
+    config_file = directory / "adapter_config.json"
+    if not config_file.exists():
+        raise MaltError(f"adapter {path} has no adapter_config.json: not a PEFT adapter directory")
+    config = _json_object(config_file)
+    if config is None or not config.get("peft_type"):
+        raise MaltError(
+            f"adapter {path}: adapter_config.json is not a JSON object with a peft_type: "
+            "the adapter is corrupt"
+        )
+    weights = directory / "adapter_model.safetensors"
+    if not weights.exists() and not (directory / "adapter_model.bin").exists():
+        raise MaltError(
+            f"adapter {path} has no adapter_model.safetensors: the adapter is incomplete"
+        )
+    if weights.exists() and (problem := _safetensors_problem(weights)):
+        raise MaltError(f"adapter {path}: adapter_model.safetensors {problem}")
 
 
 def fetch_s3_model(uri: str) -> Path:
@@ -101,11 +180,100 @@ def fetch_s3_model(uri: str) -> Path:
     return target
 
 
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""Byte size of each GGUF metadata value type (8 = string and 9 = array are variable)."""
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a GGUF file cannot be a model (checked from its header, before transformers loads it).
+
+    Walks the header (metadata and tensor table) and checks that every tensor's data lies
+    inside the file, so a cut-off download fails here in a second, with a clear reason.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        data = handle.read(min(size, 64 << 20))
+    if len(data) < 24 or data[:4] != b"GGUF":
+        return f"not a GGUF file (it starts with {data[:4]!r}, not b'GGUF')"
+    version, tensors, fields = struct.unpack_from("<IQQ", data, 4)
+    if version not in (2, 3):
+        return f"unsupported GGUF version {version} (expected 2 or 3): corrupt or too new"
+    if tensors == 0 or tensors > 1_000_000 or fields > 1_000_000:
+        return f"implausible header ({tensors} tensors, {fields} metadata fields): corrupt"
+    pos, alignment = 24, 32
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        value = struct.unpack_from(fmt, data, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def skip_value(kind: int, count: int = 1) -> None:
+        nonlocal pos
+        if kind in _GGUF_SCALARS:
+            pos += count * _GGUF_SCALARS[kind]
+        elif kind == 8:
+            for _ in range(count):
+                length = take("<Q")
+                pos += length
+        elif kind == 9:
+            for _ in range(count):
+                item = take("<I")
+                skip_value(item, take("<Q"))
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+        if pos > len(data):
+            raise struct.error("past the end")
+
+    try:
+        for _ in range(fields):
+            length = take("<Q")
+            key = data[pos : pos + length]
+            pos += length
+            kind = take("<I")
+            if key == b"general.alignment" and kind == 4:
+                alignment = take("<I") or 32
+            else:
+                skip_value(kind)
+        table = []
+        for _ in range(tensors):
+            length = take("<Q")
+            pos += length
+            dims = [take("<Q") for _ in range(take("<I"))]
+            kind = take("<I")
+            table.append((dims, kind, take("<Q")))
+        if pos > len(data):
+            raise struct.error("past the end")
+    except (struct.error, ValueError):
+        if len(data) < size:  # a header larger than what was read: leave it to transformers
+            return None
+        return "truncated or corrupt header (it ends inside the metadata or tensor table)"
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    start = -(-pos // alignment) * alignment
+    for dims, kind, offset in table:
+        try:
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (KeyError, ValueError):
+            return f"unknown tensor type {kind}: corrupt or from a newer GGUF writer"
+        count = 1
+        for dim in dims:
+            count *= dim
+        if start + offset + count // block * nbytes > size:
+            return (
+                f"truncated: tensor data runs to byte {start + offset + count // block * nbytes} "
+                f"but the file has {size} bytes (an incomplete download?)"
+            )
+    return None
+
+
 def convert_gguf(gguf_file: Path) -> Path:
     """Dequantize a GGUF checkpoint into a cached safetensors directory (once)."""
     target = cache_dir() / "models" / f"{gguf_file.stem}-{_file_key(gguf_file)}"
     if (target / "config.json").exists():
         return target
+    if problem := gguf_problem(gguf_file):
+        raise MaltError(f"could not read GGUF file {gguf_file}: {problem}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; cached in %s)", gguf_file.name, target)

@@ -111,7 +111,7 @@ def _explain(exc: Exception, bucket: str, key: str) -> MaltError:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
-            return MaltError(f"bucket '{bucket}' does not exist: create it or fix storage.root")
+            return MaltError(f"bucket '{bucket}' does not exist: create it or fix the s3:// path")
         if code in ("NoSuchKey", "404", "NotFound"):
             return MaltError(f"{where} does not exist: run the stage that writes it first")
         if code in (
@@ -125,15 +125,16 @@ def _explain(exc: Exception, bucket: str, key: str) -> MaltError:
                 f"{where}: access denied ({code}): check the S3 credentials in the environment"
             )
         return MaltError(f"{where}: S3 error {code or type(exc).__name__}")
-    return MaltError(
-        f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    )
+    # One line, but all of it: botocore puts the useful part on later lines
+    # ("Parameter validation failed:\nInvalid bucket name ...").
+    return MaltError(f"{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 class S3Store(Store):
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
         self.bucket, self.prefix = split_uri(self.root)
+        self._bucket_checked = False
 
     @cached_property
     def client(self):
@@ -144,8 +145,34 @@ class S3Store(Store):
             raise MaltError(f"store key '{key}' escapes storage.root")
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _head_bucket(self) -> None:
+        """Fail in one line when the bucket does not exist, before anything is written.
+
+        Without this, a server that creates buckets on first write (SeaweedFS does) would
+        quietly start a new bucket from a typo. A 403 is let through: a policy may grant
+        objects under a prefix but not the bucket itself.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise MaltError(
+                    f"bucket '{self.bucket}' does not exist: create it or fix the s3:// path"
+                ) from None
+            if code not in ("403", "AccessDenied", "Forbidden"):
+                raise
+
     def _call(self, key: str, fn, *args, **kwargs):
         """Run one S3 operation, retrying transient failures with exponential backoff."""
+        if not self._bucket_checked:
+            self._bucket_checked = True
+            self._retrying(key, self._head_bucket)
+        return self._retrying(key, fn, *args, **kwargs)
+
+    def _retrying(self, key: str, fn, *args, **kwargs):
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 

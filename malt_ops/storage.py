@@ -184,7 +184,14 @@ def _json_default(value: Any) -> Any:
 
 
 def iter_jsonl(store: Store, key: str) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(store.read_text(key).splitlines(), 1):
+    data = store.read_bytes(key)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MaltError(f"{store.uri(key)} line {line}: not UTF-8 text") from None
+    # Only "\n" ends a row: model text may hold U+2028 or U+0085, which splitlines() would cut at.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -76,7 +76,8 @@ def test_jsonl_file_with_bad_rows_counts_skips(tmp_path):
     assert [p["id"] for p in splits.train] == ["a", "f"]
     assert splits.train[0]["answer"] == "4"
     assert splits.skipped == {
-        "missing question": 2,
+        "missing question": 1,
+        "question is not text": 1,
         "missing gold answer": 1,
         "duplicate id": 1,
         "gold answer does not parse": 1,

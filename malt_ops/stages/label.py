@@ -9,6 +9,7 @@ from typing import Any
 
 from malt_ops.config import ROLES, LabelingConfig, Recipe
 from malt_ops.errors import MaltError
+from malt_ops.grading import MAX_OUTPUT_CHARS
 from malt_ops.plots import value_histograms
 from malt_ops.prompts import Messages, generator_messages, refiner_messages, verifier_messages
 from malt_ops.stages.common import already_done, log, stage_output
@@ -33,14 +34,22 @@ def role_prompt(problem: dict[str, Any], node: dict[str, Any], by_id: dict[str, 
     return refiner_messages(problem, by_id[verifier["parent"]]["text"], verifier["text"])
 
 
+_PARENT_ROLE = {"generator": None, "verifier": "generator", "refiner": "verifier"}
+
+
 def _check_tree(tree: Any) -> str | None:
     """Reason to skip a malformed tree, or None."""
-    if not isinstance(tree, dict) or not isinstance(tree.get("problem"), dict):
+    if not isinstance(tree, dict):
+        return "tree is not a JSON object"
+    if not isinstance(tree.get("problem"), dict):
         return "tree without a problem"
+    problem = tree["problem"]
+    if not all(isinstance(problem.get(k), str) for k in ("id", "question", "benchmark")):
+        return "problem without id, question or benchmark"
     nodes = tree.get("nodes")
     if not isinstance(nodes, list) or not nodes:
         return "tree without nodes"
-    ids = set()
+    roles: dict[str, str] = {}
     for node in nodes:
         if (
             not isinstance(node, dict)
@@ -48,9 +57,21 @@ def _check_tree(tree: Any) -> str | None:
             or not isinstance(node.get("id"), str)
         ):
             return "node without id or with an unknown role"
-        if node.get("parent") is not None and node["parent"] not in ids:
+        if node["id"] in roles:
+            return "duplicate node id"
+        parent = node.get("parent")
+        if parent is not None and parent not in roles:
             return "node whose parent is missing"
-        ids.add(node["id"])
+        if (roles[parent] if parent is not None else None) != _PARENT_ROLE[node["role"]]:
+            return "node under a parent of the wrong role"
+        if node.get("text") is not None and not isinstance(node["text"], str):
+            return "node text is not a string"
+        reward = node.get("reward")
+        if reward is not None and (
+            isinstance(reward, bool) or not isinstance(reward, int | float) or not 0 <= reward <= 1
+        ):
+            return "reward is not a number from 0 to 1"
+        roles[node["id"]] = node["role"]
     return None
 
 
@@ -75,9 +96,14 @@ def label_trees(
         for node in nodes:
             bucket = min(HISTOGRAM_BINS - 1, int(labels[node["id"]].value * HISTOGRAM_BINS))
             histograms[node["role"]][bucket] += 1
-        # A truncated or empty output is never taught as good, though it may be the rejected side.
+        # A truncated, empty or runaway output is never taught as good, though it may be the
+        # rejected side.
         usable = {
-            n["id"] for n in nodes if n.get("finished", True) and (n.get("text") or "").strip()
+            n["id"]
+            for n in nodes
+            if n.get("finished", True)
+            and (n.get("text") or "").strip()
+            and len(n.get("text") or "") <= MAX_OUTPUT_CHARS
         }
         if not any(label.positive for label in labels.values()):
             no_positive += 1

@@ -13,8 +13,8 @@ from typing import Any
 from malt_ops.backends import InferenceBackend, SamplingParams, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
-from malt_ops.grading import grade_many
-from malt_ops.prompts import generator_messages, refiner_messages, verifier_messages
+from malt_ops.grading import MAX_OUTPUT_CHARS, grade_many
+from malt_ops.prompts import generator_messages, refiner_messages, verdict, verifier_messages
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import log_stage
@@ -130,6 +130,19 @@ def expand_trees(
     return trees
 
 
+def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
+    """Degenerate model outputs, counted (they stay in the trees; label never teaches them)."""
+    return {
+        "unfinished_outputs": sum(not n["finished"] for n in nodes),
+        "empty_outputs": sum(not (n["text"] or "").strip() for n in nodes),
+        "overlong_outputs": sum(len(n["text"] or "") > MAX_OUTPUT_CHARS for n in nodes),
+        "no_answer_outputs": sum(n["answer"] is None for n in nodes),
+        "no_verdict_outputs": sum(
+            n["role"] == "verifier" and verdict(n["text"]) is None for n in nodes
+        ),
+    }
+
+
 def run(
     recipe: Recipe,
     run_id: str,
@@ -137,6 +150,8 @@ def run(
     num_shards: int | None = None,
     backend: InferenceBackend | None = None,
 ) -> dict[str, Any]:
+    if num_shards is not None and num_shards < 1:
+        raise MaltError(f"--num-shards {num_shards}: give 1 or more")
     num_shards = num_shards or recipe.sampling.num_shards
     if not 0 <= shard < num_shards:
         raise MaltError(
@@ -149,8 +164,13 @@ def run(
     problems = shard_of(
         list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
     )
-    backend = backend or create_backend(recipe)
     policy = policy_adapter_paths(recipe)
+    from malt_ops.models import check_adapter_dir
+
+    for path in policy.values():  # a broken adapter fails here, before the base model loads
+        if path is not None and "://" not in path:
+            check_adapter_dir(path)
+    backend = backend or create_backend(recipe)
     adapters = load_policy_adapters(backend, policy)
     before = (backend.usage.completion_tokens, backend.usage.seconds)
     started = time.perf_counter()
@@ -172,8 +192,7 @@ def run(
         "leaf_accuracy": sum(n["reward"] for n in leaves) / len(leaves) if leaves else 0.0,
         "generated_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
-        "unfinished_outputs": sum(not n["finished"] for t in trees for n in t["nodes"]),
-        "empty_outputs": sum(not n["text"] for t in trees for n in t["nodes"]),
+        **output_counts([n for t in trees for n in t["nodes"]]),
         "wall_seconds": time.perf_counter() - started,
         "policy": policy,
     }
