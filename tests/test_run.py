@@ -83,7 +83,8 @@ def finished_run(tmp_path_factory, env, s3_server):
         "2",
         *sets(TINY + FORCED),
     )
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    (tmp / "run.out").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    assert done.returncode == 0, (f"full output: {tmp / 'run.out'}", done.stderr[-3000:])
     from malt_ops.config import load_recipe
     from malt_ops.storage import open_store
 
@@ -234,6 +235,29 @@ def test_cycle_two_samples_with_cycle_one_champion_and_rollback(finished_run, en
             client.get_model_version_by_alias(f"e2e-{role}", "champion").version
             == first["challenger"][role]
         )
+
+
+def test_no_secret_in_xcom_airflow_logs_or_local_state(finished_run):
+    """The run had the S3 secret in its environment: XCom, task logs and local state never show it."""
+    import sqlite3
+
+    state = finished_run["tmp"] / "state"
+    with sqlite3.connect(state / "airflow" / "airflow.db") as db:
+        rows = db.execute("select task_id, key, value from xcom").fetchall()
+    assert rows, "the DAG pushed no XCom at all"
+    for task_id, _key, value in rows:
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        assert S3_SECRET_KEY not in text, task_id
+        # Only run ids and malt-ops argument lists travel through XCom.
+        assert "e2e" in text, (task_id, text[:200])
+    leaked = [
+        path
+        for path in state.rglob("*")
+        if path.is_file() and S3_SECRET_KEY.encode() in path.read_bytes()
+    ]
+    assert leaked == []
+    done = finished_run["done"]
+    assert S3_SECRET_KEY not in done.stdout + done.stderr
 
 
 def test_rerun_skips_finished_stages(finished_run, env):
