@@ -13,7 +13,7 @@ from typing import Any
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
 from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
-from malt_ops.storage import validate_run_id
+from malt_ops.storage import disk_full, validate_run_id
 
 DEFAULT_RECIPE = "recipes/local.yaml"
 
@@ -154,7 +154,21 @@ def run_stage(arguments: list[str]) -> dict[str, Any]:
     if not arguments or arguments[0] not in STAGE_COMMANDS:
         raise MaltError(f"not a stage command: {arguments[:1]}; expected one of {STAGE_COMMANDS}")
     args = build_parser().parse_args(arguments)
-    return args.handler(args) or {}
+    try:
+        return args.handler(args) or {}
+    except OSError as exc:
+        error = _disk_full(exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _disk_full(exc: OSError) -> MaltError | None:
+    """A full disk anywhere (store, temporary files, caches) as one line naming the file."""
+    import tempfile
+
+    where = exc.filename or f"a file (temporary files go to {tempfile.gettempdir()})"
+    return disk_full(exc, where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except MaltError as exc:
         print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        error = _disk_full(exc)
+        if error is None:
+            raise
+        print(f"malt-ops {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -31,6 +31,55 @@ TRAINED = (*ROLES, "star")
 Role = Literal["generator", "verifier", "refiner"]
 BENCHMARKS = ("gsm8k", "math", "csqa", "reasoning_gym")
 
+# Recipe values that become file names, S3 keys, MLflow names or Kubernetes object names.
+# Stages pass them as argument lists, never through a shell, but a name is still only a name:
+# no path separators, no '..', no shell metacharacters, no control characters.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_NAME_RULE = "use letters, digits, '-', '_' or '.' (starting with a letter or digit, no '..')"
+_EXPERIMENT = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9 _.@/+-]{0,255}")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_ENV_NAME = re.compile(r"[-._A-Za-z][-._A-Za-z0-9]*")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def check_name(value: str | None) -> str | None:
+    """A name that becomes part of a path, key or registered name."""
+    if value is not None and (not _NAME.fullmatch(value) or ".." in value):
+        raise ValueError(_NAME_RULE)
+    return value
+
+
+def check_path(value: str | None) -> str | None:
+    """A user's file path or URI: anything printable (control characters break paths and logs)."""
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("contains a control character")
+    return value
+
+
+def _check_dns_subdomain(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            f"'{value}' is not a Kubernetes name (lower-case letters, digits, '-', '.')"
+        )
+    return value
+
+
+def _check_label_key(key: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if (prefix and _check_dns_subdomain(prefix) != prefix) or not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"'{key}' is not a Kubernetes label key")
+    return key
+
+
+def _check_labels(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        _check_label_key(key)
+        if item and not _LABEL_NAME.fullmatch(item):
+            raise ValueError(f"'{item}' (for {key}) is not a Kubernetes label value")
+    return value
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -51,10 +100,29 @@ class RunConfig(_Section):
     state_dir: str = ".state"
     """Local state: Airflow metadata, MLflow store, logs. Relative paths are from the working directory."""
 
+    _path = field_validator("state_dir")(check_path)
+
 
 class StorageConfig(_Section):
     root: str = ".state/store"
     """Local directory (later also s3://bucket/prefix) under which runs/<run_id>/<stage>/ live."""
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        check_path(value)
+        if value.startswith("s3://"):
+            bucket, _, prefix = value[5:].partition("/")
+            if not bucket:
+                raise ValueError(f"'{value}' names no bucket: use s3://bucket/prefix")
+            if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
+                raise ValueError(
+                    f'Invalid bucket name "{bucket}": use 3 to 63 lower-case letters, digits, '
+                    "'.' and '-'"
+                )
+            if any(part in (".", "..") for part in prefix.split("/")):
+                raise ValueError("the S3 prefix may not contain '.' or '..' segments")
+        return value
 
 
 class FieldMap(_Section):
@@ -87,6 +155,18 @@ class DataConfig(_Section):
     """Held-out share when a source has only one split (packaged GSM8K and CommonsenseQA)."""
     seed: int = 0
 
+    _names = field_validator("task", "hub_config")(check_name)
+    _paths = field_validator("train_path", "test_path")(check_path)
+
+    @field_validator("hub_name")
+    @classmethod
+    def _hub_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = value.split("/")
+            if len(parts) > 2 or not all(_NAME.fullmatch(p) for p in parts) or ".." in value:
+                raise ValueError("use 'name' or 'owner/name' (letters, digits, '-', '_', '.')")
+        return value
+
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
         if self.benchmark == "reasoning_gym" and not self.task:
@@ -107,6 +187,9 @@ class ModelConfig(_Section):
     path: str | None = None
     """Hugging Face model directory or .gguf file (source: path)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    _name = field_validator("name")(check_name)
+    _path = field_validator("path")(check_path)
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -204,6 +287,8 @@ class RoleAdapters(_Section):
     verifier: str | None = None
     refiner: str | None = None
 
+    _paths = field_validator("generator", "verifier", "refiner")(check_path)
+
 
 class SamplingConfig(_Section):
     n: int = Field(default=3, gt=0)
@@ -213,6 +298,9 @@ class SamplingConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
     num_shards: int = Field(default=1, gt=0)
+    checkpoint_every: int = Field(default=64, gt=0)
+    """Questions per checkpoint batch: a shard's trees are written batch by batch, and a rerun
+    after a crash resumes from the last completed batch."""
     seed: int = 0
     policy: Literal["champion", "adapters"] = "champion"
     """champion: sample with the registry's champion set (the base model when there is none);
@@ -295,6 +383,18 @@ class TrackingConfig(_Section):
     model_prefix: str = "malt"
     """Registered models are <model_prefix>-generator, -verifier, -refiner."""
 
+    _prefix = field_validator("model_prefix")(check_name)
+    _uri = field_validator("uri")(check_path)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str) -> str:
+        if not _EXPERIMENT.fullmatch(value) or ".." in value or value != value.strip():
+            raise ValueError(
+                "use letters, digits, spaces and - _ . @ / + (a '/' path for Databricks), no '..'"
+            )
+        return value
+
 
 class PromotionConfig(_Section):
     gate_setting: str = "MALT"
@@ -320,12 +420,31 @@ class StageImages(_Section):
     light: str = "ghcr.io/malt-ops/malt-ops-light:0.1.0"
     """CPU-only malt-ops (no torch): prepare, label, register."""
 
+    @field_validator("sampler", "trainer", "light")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not _IMAGE.fullmatch(value):
+            raise ValueError("not an image reference (registry/name:tag or name@sha256:...)")
+        return value
+
 
 class Toleration(_Section):
     key: str | None = None
     operator: Literal["Exists", "Equal"] = "Exists"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        return value if value is None else _check_label_key(value)
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str | None) -> str | None:
+        if value and not _LABEL_NAME.fullmatch(value):
+            raise ValueError(f"'{value}' is not a Kubernetes label value")
+        return value
 
 
 class GpuPool(_Section):
@@ -337,6 +456,9 @@ class GpuPool(_Section):
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", effect="NoSchedule")]
     )
+
+    _resource = field_validator("resource")(_check_label_key)
+    _selector = field_validator("node_selector")(_check_labels)
 
 
 class PodResources(_Section):
@@ -393,6 +515,34 @@ class KubernetesConfig(_Section):
             raise ValueError("must be a DNS label: lower-case letters, digits and '-'")
         return value
 
+    _labels = field_validator("labels")(_check_labels)
+
+    @field_validator("secrets", "image_pull_secrets")
+    @classmethod
+    def _object_names(cls, value: list[str]) -> list[str]:
+        return [_check_dns_subdomain(name) for name in value]
+
+    @field_validator("recipes_config_map")
+    @classmethod
+    def _config_map(cls, value: str | None) -> str | None:
+        return value if value is None else _check_dns_subdomain(value)
+
+    @field_validator("recipes_mount_path")
+    @classmethod
+    def _mount_path(cls, value: str) -> str:
+        check_path(value)
+        if not value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("must be an absolute path without '..'")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"'{key}' is not an environment variable name")
+        return value
+
 
 class Recipe(_Section):
     name: str = "recipe"
@@ -410,12 +560,7 @@ class Recipe(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not value or not all(c.isalnum() or c in "-_." for c in value) or ".." in value:
-            raise ValueError("use letters, digits, '-', '_' or '.'")
-        return value
+    _name = field_validator("name")(check_name)
 
     def digest(self) -> str:
         """Stable hash of the effective recipe (for tags and cache keys)."""

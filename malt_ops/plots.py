@@ -16,9 +16,14 @@ def _pyplot():
 
 
 def _save(plt, fig, path: Path) -> Path:
+    from malt_ops.storage import reporting_disk_full
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with reporting_disk_full(path):
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

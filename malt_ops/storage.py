@@ -8,6 +8,7 @@ name and renamed into place, so no reader ever sees half a file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,29 @@ from malt_ops.errors import MaltError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full(exc: OSError, path: object) -> MaltError | None:
+    """The one-line error for a full disk (or exhausted quota) while writing ``path``; else None."""
+    if exc.errno not in _DISK_FULL:
+        return None
+    return MaltError(
+        f"disk full: cannot write {path} ({exc.strerror or os.strerror(exc.errno)}): "
+        "free space on that filesystem and rerun"
+    )
+
+
+@contextmanager
+def reporting_disk_full(path: object) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a MaltError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        error = disk_full(exc, path)
+        if error is None:
+            raise
+        raise error from None
 
 
 class Store(ABC):
@@ -90,7 +115,9 @@ class LocalStore(Store):
         try:
             self._base.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MaltError(f"storage.root '{root}' cannot be created: {exc.strerror}") from exc
+            raise disk_full(exc, self._base) or MaltError(
+                f"storage.root '{root}' cannot be created: {exc.strerror}"
+            ) from exc
 
     def _path(self, key: str) -> Path:
         path = (self._base / key).resolve()
@@ -108,6 +135,11 @@ class LocalStore(Store):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        with reporting_disk_full(path):
+            self._write(path, data)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
@@ -164,8 +196,18 @@ def run_prefix(run_id: str, stage: str) -> str:
 
 
 def validate_run_id(run_id: str) -> str:
-    if not run_id or ".." in run_id or not all(c.isalnum() or c in "-_.:+" for c in run_id):
-        raise MaltError(f"run id '{run_id}': use letters, digits and - _ . : + only")
+    """A run id names a directory (or S3 prefix) and appears in MLflow filters: keep it plain."""
+    ascii_alnum = run_id[:1].isascii() and run_id[:1].isalnum()
+    if (
+        not ascii_alnum
+        or len(run_id) > 200
+        or ".." in run_id
+        or not all(c.isascii() and (c.isalnum() or c in "-_.:+") for c in run_id)
+    ):
+        raise MaltError(
+            f"run id '{run_id}': use letters, digits and - _ . : + only, starting with a "
+            "letter or digit, at most 200 characters"
+        )
     return run_id
 
 
@@ -241,8 +283,12 @@ class StageOutput:
         text = json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n"
         return self.write_bytes(name, text.encode())
 
-    def put_dir(self, name: str, local_dir: Path) -> None:
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+    def put_dir(self, name: str, local_dir: Path, last: str | None = None) -> None:
+        """Write a directory's files; ``last`` (a file name in it) goes after all the others,
+        so a reader that takes that file's presence as "the directory is there" never sees
+        the directory without its other files."""
+        paths = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        for path in sorted(paths, key=lambda p: p.relative_to(local_dir).as_posix() == last):
             self.write_bytes(f"{name}/{path.relative_to(local_dir).as_posix()}", path.read_bytes())
 
     def commit(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:

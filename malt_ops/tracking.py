@@ -9,6 +9,7 @@ reported as a warning naming the stage, not as a failed stage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -37,7 +38,30 @@ def tracking_uri(recipe: Recipe) -> str:
         return recipe.tracking.uri
     state = Path(recipe.run.state_dir).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{state / 'mlflow.db'}"
+    database = state / "mlflow.db"
+    if not database.exists():
+        _create_sqlite_store(database, (state / "mlartifacts").as_uri())
+    return f"sqlite:///{database}"
+
+
+def _create_sqlite_store(database: Path, artifacts: str) -> None:
+    """Create the default SQLite store whole, or not at all.
+
+    MLflow builds a new database in many migration steps; a process killed between two of
+    them leaves a schema that every later client refuses ("out-of-date database schema").
+    So the migrations run on a scratch file that is then linked into place; a database
+    created meanwhile by another process is kept.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    scratch = database.with_name(f".{database.name}.{os.getpid()}.partial")
+    scratch.unlink(missing_ok=True)
+    try:
+        SqlAlchemyStore(f"sqlite:///{scratch}", artifacts).engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(scratch, database)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def client_for(recipe: Recipe):

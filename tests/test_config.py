@@ -57,3 +57,87 @@ def test_missing_and_broken_recipe_files(tmp_path):
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("name=.", "name"),
+        ("name=-rf", "name"),
+        ("name=a/b", "name"),
+        ("name=a;b", "name"),
+        ("tracking.model_prefix=../x", "tracking.model_prefix"),
+        ("tracking.model_prefix=a/b", "tracking.model_prefix"),
+        ("tracking.model_prefix=a:b", "tracking.model_prefix"),
+        ("tracking.model_prefix=x' or name like '%", "tracking.model_prefix"),
+        ("tracking.experiment=../../etc", "tracking.experiment"),
+        ("tracking.experiment=exp`id`", "tracking.experiment"),
+        ("tracking.experiment=a\\b", "tracking.experiment"),
+        ("data.task=../basic_arithmetic", "data.task"),
+        ("data.task=a|b", "data.task"),
+        ("data.hub_name=a/../b", "data.hub_name"),
+        ("data.hub_name=a/b/c", "data.hub_name"),
+        ("data.hub_config=$(id)", "data.hub_config"),
+        ("model.name=../../model", "model.name"),
+        ('storage.root="/tmp/a\\0b"', "storage.root"),
+        ('run.state_dir="/tmp/x\\ny"', "run.state_dir"),
+        ("storage.root=s3://Bad_Bucket/x", "storage.root"),
+        ("storage.root=s3://bucket/a/../b", "storage.root"),
+        ('sampling.adapters.generator="/a\\tb"', "sampling.adapters.generator"),
+        ("kubernetes.secrets=[../s3]", "kubernetes.secrets"),
+        ("kubernetes.image_pull_secrets=[Registry]", "kubernetes.image_pull_secrets"),
+        ("kubernetes.recipes_config_map=a;b", "kubernetes.recipes_config_map"),
+        ("kubernetes.recipes_mount_path=etc/recipes", "kubernetes.recipes_mount_path"),
+        ("kubernetes.recipes_mount_path=/etc/../root", "kubernetes.recipes_mount_path"),
+        ("kubernetes.images.light=img;rm -rf /", "kubernetes.images.light"),
+        ('kubernetes.env={"A B": x}', "kubernetes.env"),
+        ('kubernetes.labels={"team": "a b"}', "kubernetes.labels"),
+        ('kubernetes.gpu.node_selector={"pool/../x": gpu}', "kubernetes.gpu.node_selector"),
+        ("kubernetes.gpu.resource=nvidia.com/gpu;x", "kubernetes.gpu.resource"),
+    ],
+)
+def test_names_that_become_paths_keys_or_commands_are_validated(override, key):
+    with pytest.raises(MaltError) as info:
+        load_recipe(LOCAL_RECIPE, [override])
+    message = str(info.value)
+    assert f": {key}" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "accepted",
+    [
+        "tracking.experiment=/Users/me@example.com/malt ops",
+        "data.hub_name=openai/gsm8k",
+        "storage.root=s3://my-bucket/team/malt",
+        "kubernetes.images.sampler=registry.example.com:5000/malt/sampler@sha256:abc123",
+        'kubernetes.labels={"example.com/team": ml-infra}',
+    ],
+)
+def test_ordinary_names_still_load(accepted):
+    load_recipe(LOCAL_RECIPE, [accepted])
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [
+        ".",
+        "..",
+        "-rf",
+        ".hidden",
+        "a/b",
+        "a\\b",
+        "a b",
+        "a;b",
+        "$(id)",
+        "a`b`",
+        "r\u00e9",
+        "x" * 201,
+    ],
+)
+def test_bad_run_ids_are_refused(run_id):
+    from malt_ops.storage import validate_run_id
+
+    with pytest.raises(MaltError, match="run id") as info:
+        validate_run_id(run_id)
+    assert "\n" not in str(info.value)

@@ -133,7 +133,7 @@ def _rendered_pods(dag, arguments: dict[str, list]) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def pods(cluster):
     patch = pytest.MonkeyPatch()
-    arguments = _stage_arguments(patch, overrides=["sampling.n=2", "data.task=a;rm -rf /"])
+    arguments = _stage_arguments(patch, overrides=["sampling.n=2", "data.train_path=a;rm -rf /"])
     rendered = _rendered_pods(cluster.bag.dags["malt_retraining"], arguments)
     patch.undo()
     return SimpleNamespace(arguments=arguments, rendered=rendered)
@@ -190,7 +190,7 @@ def test_pod_image_arguments_and_resources_per_stage(pods):
 def test_overrides_stay_single_arguments_never_a_shell_string(pods):
     argv = pods.arguments["label"][0]
     # A hostile value is one list element handed to exec, not parsed by a shell.
-    assert argv[argv.index("data.task=a;rm -rf /") - 1] == "--set"
+    assert argv[argv.index("data.train_path=a;rm -rf /") - 1] == "--set"
     for rendered in pods.rendered.values():
         for pod in rendered:
             (container,) = pod["spec"]["containers"]

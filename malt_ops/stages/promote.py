@@ -7,17 +7,12 @@ model's baseline setting (MA+MV). The three roles move together or not at all.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
-from malt_ops.registry import (
-    CHAMPION,
-    PREVIOUS_TAG,
-    alias_versions,
-    model_name,
-    move_alias,
-)
+from malt_ops.registry import CHAMPION, alias_versions, promote_set, rollback_set
 from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
@@ -90,21 +85,11 @@ def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
-    with registry_errors(recipe):
-        return _run(recipe, run_id)
-
-
-def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
-    out = stage_output(recipe, run_id, STAGE)
-    if (done := already_done(out)) is not None:
-        return done
-    registered = require_done(recipe, run_id, "register")
-    versions = registered.manifest()["summary"].get("versions") or {}
+def _decision(recipe: Recipe, run_id: str, versions: dict, client) -> dict[str, Any]:
+    """Compare the challenger set with the champion (or the base model): the decision."""
     from malt_ops.stages.evaluate import setting_key
 
     system, key = setting_key(recipe.promotion.gate_setting)
-    client = client_for(recipe)
     champion = alias_versions(recipe, CHAMPION, client)
     if not versions:
         decision = {
@@ -132,17 +117,59 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
             "reference": label,
             "gate_setting": recipe.promotion.gate_setting,
         }
-        if decision["promoted"]:
-            previous = {r: (champion[r].version if champion else "") for r in ROLES}
-            for role in ROLES:
-                client.set_model_version_tag(
-                    model_name(recipe, role), versions[role], PREVIOUS_TAG, previous[role]
-                )
-            move_alias(recipe, CHAMPION, versions, client)
     decision["challenger"] = versions
     decision["champion_before"] = {r: v.version for r, v in champion.items()} if champion else None
+    return decision
+
+
+def _apply(recipe: Recipe, decision: dict[str, Any], client, store, pending: str) -> None:
+    """Make the challenger the champion (under the registry lock, and only if the champion is
+    still the one compared with), unless an interrupted earlier attempt already did."""
+    versions = decision["challenger"]
+
+    def moved() -> bool:
+        current = alias_versions(recipe, CHAMPION, client)
+        return current is not None and all(
+            str(current[r].version) == str(versions[r]) for r in ROLES
+        )
+
+    if moved():
+        return
+    try:
+        promote_set(recipe, versions, decision["champion_before"], client)
+    except MaltError:
+        if moved():  # the lock taken over from the dead attempt finished its move
+            return
+        store.delete_prefix(pending)  # the champion moved on: the next attempt decides anew
+        raise
+
+
+def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
+    with registry_errors(recipe):
+        return _run(recipe, run_id)
+
+
+def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
+    out = stage_output(recipe, run_id, STAGE)
+    if (done := already_done(out)) is not None:
+        return done
+    registered = require_done(recipe, run_id, "register")
+    versions = registered.manifest()["summary"].get("versions") or {}
+    client = client_for(recipe)
+    # The decision is written down before the registry moves, so a rerun after a crash
+    # applies the same decision instead of finding its own set already champion.
+    pending = out.key("pending/decision.json")
+    if out.store.exists(pending):
+        log.info("promote: applying the decision taken before an interruption")
+    else:
+        out.store.write_json(pending, _decision(recipe, run_id, versions, client))
+    decision = out.store.read_json(pending)
+    if decision["promoted"]:
+        _apply(recipe, decision, client, out.store, pending)
     out.write_json("decision.json", decision)
     out.commit(decision)
+    with suppress(Exception):  # committed: the pending copy has done its job
+        out.store.delete_prefix(out.key("pending"))
     log_stage(
         recipe,
         run_id,
@@ -167,14 +194,7 @@ def rollback(recipe: Recipe) -> dict[str, str]:
 
 
 def _rollback(recipe: Recipe) -> dict[str, str]:
-    client = client_for(recipe)
-    champion = alias_versions(recipe, CHAMPION, client)
-    if champion is None:
-        raise MaltError("there is no champion set to roll back")
-    previous = {r: champion[r].tags.get(PREVIOUS_TAG, "") for r in ROLES}
-    if not all(previous.values()):
-        raise MaltError("the champion set has no previous champion to roll back to")
-    move_alias(recipe, CHAMPION, previous, client)
+    previous = rollback_set(recipe)
     log.info(
         "rollback: champion moved back to %s", ", ".join(f"{r} v{v}" for r, v in previous.items())
     )

@@ -6,7 +6,7 @@ from typing import Any
 
 from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
-from malt_ops.registry import CHALLENGER, model_name
+from malt_ops.registry import CHALLENGER, model_name, move_set
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
@@ -52,6 +52,24 @@ def _create_version(
         tags=tags,
         description=f"from pipeline run {run_id}",
     )
+
+
+def _create_model(client, name: str, description: str) -> None:
+    """Create a registered model; one created by a concurrent register meanwhile is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _version_of_run(client, name: str, run_id: str):
+    """The version this run registered before it was interrupted, if any (a rerun reuses it
+    rather than registering the same adapter twice)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`malt_ops.run_id` = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -106,7 +124,7 @@ def _register_set(
     for role in ROLES:
         name = model_name(recipe, role)
         if client.search_registered_models(filter_string=f"name = '{name}'") == []:
-            client.create_registered_model(name, description=f"MALT {role} LoRA adapter ({base})")
+            _create_model(client, name, f"MALT {role} LoRA adapter ({base})")
         tags = {
             "malt_ops.run_id": run_id,
             "malt_ops.role": role,
@@ -116,8 +134,9 @@ def _register_set(
             "malt_ops.store_uri": store.uri(adapter_key(run_id, role)),
             **metrics,
         }
-        version = _create_version(client, recipe, run_id, name, role, tags)
+        version = _version_of_run(client, name, run_id) or _create_version(
+            client, recipe, run_id, name, role, tags
+        )
         versions[role] = version.version
-    for role in ROLES:
-        client.set_registered_model_alias(model_name(recipe, role), CHALLENGER, versions[role])
+    move_set(recipe, CHALLENGER, versions, client)  # all three at once, under the registry lock
     return versions

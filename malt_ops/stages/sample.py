@@ -1,13 +1,23 @@
 """sample: expand a G -> V -> R tree per training question (one shard of them).
 
-Each level is batched across all questions of the shard: every generator prompt, then
-every verifier prompt, then every refiner prompt. Leaves are graded against the gold answer.
+Each level is batched across the questions of a checkpoint batch (``sampling.checkpoint_every``
+questions): every generator prompt, then every verifier prompt, then every refiner prompt.
+Leaves are graded against the gold answer.
+
+Checkpoints: each batch's trees are written under ``sample/parts/shard-K/`` with a small
+marker written after them; the marker makes the part complete. A rerun of the shard reuses
+every complete part whose inputs are unchanged and samples only the rest, then assembles the
+trees file from the parts and commits the manifest. A batch's randomness comes from
+(sampling.seed, shard, batch index) alone, so an interrupted and resumed shard ends with the
+same trees as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from malt_ops.backends import InferenceBackend, SamplingParams, create_backend
@@ -16,7 +26,7 @@ from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS, grade_many
 from malt_ops.prompts import generator_messages, refiner_messages, verdict, verifier_messages
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.storage import iter_jsonl
+from malt_ops.storage import Store, dumps_jsonl, iter_jsonl
 from malt_ops.tracking import log_stage
 
 STAGE = "sample"
@@ -143,6 +153,48 @@ def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
     }
 
 
+def batch_seed(seed: int, shard: int, batch: int) -> int:
+    """The sampling seed of one checkpoint batch: (sampling.seed, shard, batch index) only.
+
+    Batch 0 of shard K keeps the seed the whole shard had before checkpoints
+    (``seed * 1000 + K``), so a shard that fits in one batch samples as it always did.
+    """
+    return (seed * 1000 + shard) * 100_000 + batch
+
+
+def _adapter_digest(path: str | None) -> str | None:
+    """Content hash of a policy adapter directory (its local path may be a fresh scratch copy)."""
+    if path is None or not Path(path).is_dir():
+        return path
+    root, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _inputs_digest(recipe: Recipe, policy: dict[str, str | None]) -> str:
+    """What every batch of this shard depends on besides its own questions and seed."""
+    blob = {
+        "model": recipe.model.model_dump(mode="json"),
+        "inference": recipe.inference.model_dump(mode="json"),
+        "sampling": recipe.sampling.model_dump(mode="json"),
+        "policy": {role: _adapter_digest(path) for role, path in policy.items()},
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _complete_part(store: Store, data_key: str, marker_key: str, fingerprint: str) -> bytes | None:
+    """A checkpoint part's bytes if it is complete and was sampled from the same inputs."""
+    if not store.exists(marker_key):
+        return None
+    marker = store.read_json(marker_key)
+    if marker.get("fingerprint") != fingerprint or not store.exists(data_key):
+        return None
+    data = store.read_bytes(data_key)
+    return data if hashlib.sha256(data).hexdigest() == marker.get("sha256") else None
+
+
 def run(
     recipe: Recipe,
     run_id: str,
@@ -170,34 +222,75 @@ def run(
     for path in policy.values():  # a broken adapter fails here, before the base model loads
         if path is not None and "://" not in path:
             check_adapter_dir(path)
-    backend = backend or create_backend(recipe)
-    adapters = load_policy_adapters(backend, policy)
-    before = (backend.usage.completion_tokens, backend.usage.seconds)
+    size = recipe.sampling.checkpoint_every
+    batches = [problems[i : i + size] for i in range(0, len(problems), size)]
+    inputs = _inputs_digest(recipe, policy)
+    store, parts_prefix = out.store, out.key(f"parts/shard-{shard}")
+    adapters: dict[str, str | None] | None = None
+    parts: list[bytes] = []
+    reused = fresh_tokens = 0
+    fresh_seconds = 0.0
     started = time.perf_counter()
-    trees = (
-        expand_trees(
-            problems, backend, recipe.sampling, adapters, seed=recipe.sampling.seed * 1000 + shard
+    for index, batch in enumerate(batches):
+        seed = batch_seed(recipe.sampling.seed, shard, index)
+        fingerprint = hashlib.sha256(f"{inputs}/{seed}/".encode() + dumps_jsonl(batch)).hexdigest()
+        data_key = f"{parts_prefix}/batch-{index:05d}.jsonl"
+        marker_key = f"{parts_prefix}/batch-{index:05d}.done.json"
+        data = _complete_part(store, data_key, marker_key, fingerprint)
+        if data is not None:
+            reused += 1
+        else:
+            if adapters is None:  # the model loads only when there is something left to sample
+                backend = backend or create_backend(recipe)
+                adapters = load_policy_adapters(backend, policy)
+            before = (backend.usage.completion_tokens, backend.usage.seconds)
+            data = dumps_jsonl(expand_trees(batch, backend, recipe.sampling, adapters, seed=seed))
+            fresh_tokens += backend.usage.completion_tokens - before[0]
+            fresh_seconds += backend.usage.seconds - before[1]
+            store.write_bytes(data_key, data)
+            # The marker goes last: only a part whose marker exists counts as complete.
+            store.write_json(
+                marker_key,
+                {
+                    "batch": index,
+                    "questions": len(batch),
+                    "fingerprint": fingerprint,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data),
+                },
+            )
+            log.info("sample shard %d: batch %d of %d written", shard, index + 1, len(batches))
+        parts.append(data)
+    if reused:
+        log.info(
+            "sample shard %d: resumed, %d of %d batches reused from checkpoints",
+            shard,
+            reused,
+            len(batches),
         )
-        if problems
-        else []
-    )
-    leaves = [n for t in trees for n in t["nodes"] if n["role"] == "refiner"]
-    tokens = backend.usage.completion_tokens - before[0]
-    seconds = backend.usage.seconds - before[1]
+    trees = [json.loads(line) for part in parts for line in part.decode().split("\n") if line]
+    nodes = [n for t in trees for n in t["nodes"]]
+    leaves = [n for n in nodes if n["role"] == "refiner"]
     summary = {
         "shard": shard,
         "num_shards": num_shards,
         "questions": len(trees),
-        "nodes": sum(len(t["nodes"]) for t in trees),
+        "nodes": len(nodes),
         "leaf_accuracy": sum(n["reward"] for n in leaves) / len(leaves) if leaves else 0.0,
-        "generated_tokens": tokens,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
-        **output_counts([n for t in trees for n in t["nodes"]]),
+        "generated_tokens": sum(n["completion_tokens"] for n in nodes),
+        "tokens_per_second": fresh_tokens / fresh_seconds if fresh_seconds else 0.0,
+        **output_counts(nodes),
+        "batches": len(batches),
+        "batches_reused": reused,
         "wall_seconds": time.perf_counter() - started,
         "policy": policy,
     }
-    out.write_jsonl(f"trees/shard-{shard}.jsonl", trees)
+    out.write_bytes(f"trees/shard-{shard}.jsonl", b"".join(parts))
     out.commit(summary)
+    try:  # the parts are in the committed trees file now
+        store.delete_prefix(parts_prefix)
+    except Exception as exc:
+        log.warning("sample shard %d: could not delete %s: %s", shard, parts_prefix, exc)
     log_stage(recipe, run_id, STAGE, f"shard-{shard}", metrics=summary)
     log.info(
         "sample shard %d/%d: %d questions, %d nodes, leaf accuracy %.3f, %d tokens at %.1f tok/s",
@@ -206,7 +299,7 @@ def run(
         summary["questions"],
         summary["nodes"],
         summary["leaf_accuracy"],
-        tokens,
+        summary["generated_tokens"],
         summary["tokens_per_second"],
     )
     return summary

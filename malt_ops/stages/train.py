@@ -36,6 +36,16 @@ def _final_loss(history: list[dict[str, Any]]) -> float | None:
     return losses[-1] if losses else None
 
 
+def _stable_adapter_config(path: Path) -> None:
+    """Sort the set-valued fields PEFT writes in hash order (``target_modules``), which
+    changes from one process to the next, so a retrained adapter is byte-identical."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as PEFT writes it
+
+
 def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     if role not in TRAINED:
         raise MaltError(f"--role '{role}' is not one of {', '.join(TRAINED)}")
@@ -103,6 +113,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
             )
             log.warning("train %s: %s", role, summary["skipped_reason"])
         (final / "README.md").unlink(missing_ok=True)
+        _stable_adapter_config(final / "adapter_config.json")
         (final / "training_summary.json").write_text(
             json.dumps(
                 {
@@ -116,7 +127,8 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 indent=2,
             )
         )
-        out.put_dir(f"adapters/{role}", final)
+        # adapter_config.json last: evaluate and register take it as "the adapter is there".
+        out.put_dir(f"adapters/{role}", final, last="adapter_config.json")
         plot = loss_curves(histories, f"{role} training loss", scratch_dir / f"{role}_loss.png")
         out.write_bytes(f"plots/{role}_loss.png", plot.read_bytes())
         shutil.rmtree(scratch_dir / "checkpoints", ignore_errors=True)
