@@ -67,9 +67,12 @@ style: setup
 	$(BIN)/ruff format malt_ops tests bench dags docker
 	$(BIN)/ruff check --fix malt_ops tests bench dags docker
 
+# Performance suite: each script prints its table and appends it to bench/RESULTS.md (--no-append
+# to print only). sampling.py runs the vllm backend too when .venv-vllm exists (`make vllm-env`).
 bench: setup
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .state

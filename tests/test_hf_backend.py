@@ -72,3 +72,29 @@ def test_named_adapters_change_output_and_base_stays(hf_backend, model_dir, tmp_
         hf_backend.generate(PROMPTS[:1], GREEDY, adapter="missing")
     with pytest.raises(MaltError, match="not a PEFT adapter"):
         hf_backend.add_adapter("bad", str(tmp_path))
+
+
+def test_shared_prompt_cache_matches_prompt_copies(hf_backend):
+    """n > 1 encodes each prompt once and repeats its KV cache for the n samples."""
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    alone = [c[0].text for c in hf_backend.generate(PROMPTS, greedy)]
+    # Greedy with n > 1 (generate() itself refuses num_return_sequences without sampling).
+    shared = hf_backend.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=12))
+    assert [[c.text for c in cs] for cs in shared] == [[text, text] for text in alone]
+
+    sampled = SamplingParams(n=3, temperature=0.7, max_new_tokens=12, seed=3)
+    try:
+        hf_backend.share_prompt_cache = False
+        copies = hf_backend.generate(PROMPTS, sampled)
+    finally:
+        hf_backend.share_prompt_cache = True
+    shared = hf_backend.generate(PROMPTS, sampled)
+    assert [len(cs) for cs in shared] == [3, 3, 3]
+    assert len({c.text for c in shared[1]}) > 1  # the samples of one prompt differ
+    pairs = [
+        (a.text, b.text)
+        for x, y in zip(shared, copies, strict=True)
+        for a, b in zip(x, y, strict=True)
+    ]
+    # One seed, the same RNG draws: the same samples, bar a float-rounding flip in a near tie.
+    assert sum(a == b for a, b in pairs) >= 7, pairs

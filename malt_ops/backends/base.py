@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from malt_ops.errors import MaltError
 from malt_ops.prompts import Messages
 
 
@@ -62,3 +65,47 @@ class InferenceBackend(ABC):
     @property
     @abstractmethod
     def tokenizer(self): ...
+
+
+class ModelBackend(InferenceBackend):
+    """What the hf and vllm backends share: the tokenizer, adapter-name checks, usage counts."""
+
+    _tokenizer: Any
+    adapters: dict[str, str]
+    """Loaded adapter name -> the directory it came from."""
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def _new_adapter_dir(self, name: str, path: str) -> Path:
+        """``path`` as a directory, once ``name`` is free and the directory holds a PEFT adapter."""
+        if name in self.adapters:
+            raise MaltError(
+                f"adapter name '{name}' is already loaded; give each adapter version its own name"
+            )
+        directory = Path(path)
+        if not (directory / "adapter_config.json").exists():
+            raise MaltError(
+                f"adapter {path} has no adapter_config.json: not a PEFT adapter directory"
+            )
+        return directory
+
+    def _require_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise MaltError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters)})")
+
+    def _count_usage(
+        self, results: list[list[Completion]], adapter: str | None, seconds: float
+    ) -> None:
+        """Add one generate call's tokens and time to ``usage`` (by adapter, None = base)."""
+        self.usage.seconds += seconds
+        self.usage.calls += 1
+        key = adapter or "base"
+        for completions in results:
+            for completion in completions:
+                self.usage.prompt_tokens += completion.prompt_tokens
+                self.usage.completion_tokens += completion.completion_tokens
+                self.usage.by_adapter[key] = (
+                    self.usage.by_adapter.get(key, 0) + completion.completion_tokens
+                )

@@ -1,4 +1,11 @@
-"""transformers + peft backend: one base model in memory, several named LoRA adapters."""
+"""transformers + peft backend: one base model in memory, several named LoRA adapters.
+
+The hot path is the prompt's forward pass: a verifier or refiner prompt is several hundred
+tokens and each is sampled ``n`` times, so with ``n > 1`` each prompt is encoded once and its
+KV cache repeated for its ``n`` samples (``share_prompt_cache``) instead of letting
+``generate(num_return_sequences=n)`` encode ``n`` copies. Prompts are batched longest first
+and left-padded, so each batch pads little.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +16,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from malt_ops.backends.base import Completion, InferenceBackend, SamplingParams, Usage
+from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
 from malt_ops.errors import MaltError
 from malt_ops.models import load_model, load_tokenizer
 from malt_ops.prompts import Messages, render
 
 
-class HFBackend(InferenceBackend):
-    def __init__(self, model_dir: Path, dtype: str = "float32", batch_size: int = 16) -> None:
+class HFBackend(ModelBackend):
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        share_prompt_cache: bool = True,
+    ) -> None:
         self._tokenizer = load_tokenizer(model_dir)
         self._tokenizer.padding_side = "left"
         self.model = load_model(model_dir, dtype)
         self.model.eval()
         self.batch_size = batch_size
+        self.share_prompt_cache = share_prompt_cache
+        """Encode each prompt once for its n samples (False: n copies, as generate() does)."""
         self.adapters: dict[str, str] = {}
         self.usage = Usage()
         eos = self.model.generation_config.eos_token_id
@@ -30,21 +45,10 @@ class HFBackend(InferenceBackend):
         }
         self._stop_ids.discard(None)
 
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        if name in self.adapters:
-            raise MaltError(
-                f"adapter name '{name}' is already loaded; give each adapter version its own name"
-            )
-        if not (Path(path) / "adapter_config.json").exists():
-            raise MaltError(
-                f"adapter {path} has no adapter_config.json: not a PEFT adapter directory"
-            )
+        self._new_adapter_dir(name, path)
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name)
@@ -60,8 +64,7 @@ class HFBackend(InferenceBackend):
             if hasattr(self.model, "disable_adapter"):
                 return self.model.disable_adapter()
             return contextlib.nullcontext()
-        if adapter not in self.adapters:
-            raise MaltError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters)})")
+        self._require_adapter(adapter)
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
@@ -91,14 +94,17 @@ class HFBackend(InferenceBackend):
                 )
                 torch.manual_seed(params.seed * 100_003 + batch_index)
                 sampling = params.temperature > 0
+                inputs, copies = dict(batch), params.n
+                if params.n > 1 and self.share_prompt_cache and batch["input_ids"].shape[1] > 1:
+                    inputs, copies = self._shared_prompt_cache(batch, params.n), 1
                 output = self.model.generate(
-                    **batch,
+                    **inputs,
                     do_sample=sampling,
                     temperature=params.temperature if sampling else None,
                     top_p=params.top_p if sampling else None,
                     top_k=None,
                     max_new_tokens=params.max_new_tokens,
-                    num_return_sequences=params.n,
+                    num_return_sequences=copies,
                     pad_token_id=self._tokenizer.pad_token_id,
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
@@ -107,18 +113,33 @@ class HFBackend(InferenceBackend):
                     results[index].append(self._completion(tokens, len(encoded[index])))
                 bar.update(len(new_tokens))
         bar.close()
-        elapsed = time.perf_counter() - started
-        self.usage.seconds += elapsed
-        self.usage.calls += 1
-        for completions in results:
-            for completion in completions:
-                self.usage.prompt_tokens += completion.prompt_tokens
-                self.usage.completion_tokens += completion.completion_tokens
-                key = adapter or "base"
-                self.usage.by_adapter[key] = (
-                    self.usage.by_adapter.get(key, 0) + completion.completion_tokens
-                )
+        self._count_usage(results, adapter, time.perf_counter() - started)
         return results
+
+    def _shared_prompt_cache(self, batch, n: int) -> dict:
+        """generate() inputs for ``n`` samples per prompt, with each prompt encoded once.
+
+        All but the last prompt token go through the model once per prompt; the KV cache is
+        then repeated for the ``n`` samples, and generate() encodes only the last token of each
+        copy. Position ids are generate()'s own (counted over the attention mask, so left
+        padding does not shift them), so the cached keys line up with the tokens that follow.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        prefix = self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(n)
+        return {
+            "input_ids": ids.repeat_interleave(n, dim=0),
+            "attention_mask": mask.repeat_interleave(n, dim=0),
+            "past_key_values": cache,
+        }
 
     def _completion(self, tokens: list[int], prompt_tokens: int) -> Completion:
         finished = False

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from malt_ops.backends.base import Completion, InferenceBackend, SamplingParams, Usage
+from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
 from malt_ops.config import VLLM_LORA_RANKS, VLLMEngineConfig
 from malt_ops.errors import MaltError
 from malt_ops.models import load_tokenizer
@@ -64,7 +64,7 @@ def adapter_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-class VLLMBackend(InferenceBackend):
+class VLLMBackend(ModelBackend):
     def __init__(
         self,
         model_dir: Path,
@@ -120,23 +120,11 @@ class VLLMBackend(InferenceBackend):
             ) from exc
         self.start_seconds = time.perf_counter() - started
 
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
     def add_adapter(self, name: str, path: str) -> None:
         from vllm.lora.request import LoRARequest
 
-        if name in self.adapters:
-            raise MaltError(
-                f"adapter name '{name}' is already loaded; give each adapter version its own name"
-            )
-        directory = Path(path).resolve()
+        directory = self._new_adapter_dir(name, path).resolve()
         config_file = directory / "adapter_config.json"
-        if not config_file.exists():
-            raise MaltError(
-                f"adapter {path} has no adapter_config.json: not a PEFT adapter directory"
-            )
         rank = json.loads(config_file.read_text()).get("r", 0)
         if rank > self.max_lora_rank:
             raise MaltError(
@@ -176,8 +164,7 @@ class VLLMBackend(InferenceBackend):
         from vllm import SamplingParams as EngineParams
         from vllm.inputs import TokensPrompt
 
-        if adapter is not None and adapter not in self._lora:
-            raise MaltError(f"adapter '{adapter}' is not loaded (loaded: {sorted(self.adapters)})")
+        self._require_adapter(adapter)
         if not prompts:
             return [], []
         encoded = self.prompt_token_ids(prompts)
@@ -223,16 +210,7 @@ class VLLMBackend(InferenceBackend):
             [self._completion(tokens, finished, len(ids)) for tokens, finished in samples]
             for ids, samples in zip(encoded, generated, strict=True)
         ]
-        self.usage.seconds += time.perf_counter() - started
-        self.usage.calls += 1
-        key = adapter or "base"
-        for completions in results:
-            for completion in completions:
-                self.usage.prompt_tokens += completion.prompt_tokens
-                self.usage.completion_tokens += completion.completion_tokens
-                self.usage.by_adapter[key] = (
-                    self.usage.by_adapter.get(key, 0) + completion.completion_tokens
-                )
+        self._count_usage(results, adapter, time.perf_counter() - started)
         return results
 
     def _completion(self, tokens: list[int], finished: bool, prompt_tokens: int) -> Completion:
