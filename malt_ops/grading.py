@@ -18,8 +18,13 @@ from typing import Any
 FINAL_MARKER = "Final answer:"
 
 _MARKER_RE = re.compile(r"final\s+answer\s*(?:is)?\s*[:：]?\s*", re.IGNORECASE)
-# Small models often write "The answer is X." instead of the marker they were asked for.
-_FALLBACK_RE = re.compile(r"\banswer\s+is\s*[:：]?\s*", re.IGNORECASE)
+# Small models often write "The answer is X." or "The answer to the problem is X." instead
+# of the marker they were asked for.
+_FALLBACK_RE = re.compile(
+    r"\banswer(?:\s+(?:to|for|of)\s+(?:the|this)\s+(?:problem|question))?\s+is\s*[:：]?\s*",
+    re.IGNORECASE,
+)
+_PLACEHOLDER_RE = re.compile(r"[*'\"`]*<[^<>\n]{0,40}>")
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _LETTER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])")
 _MAX_ANSWER_CHARS = 200
@@ -54,23 +59,51 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _is_placeholder(answer: str) -> bool:
+    """The prompt's own template ('<answer>' where ...), echoed by the model: not an answer."""
+    return bool(_PLACEHOLDER_RE.match(answer.lstrip()))
+
+
+def _strip_math_delimiters(line: str) -> str:
+    """'$-2$', '\\(-2\\)', '\\[ -2 \\]' (closed or cut off) -> '-2'."""
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]"), ("$$", "$$"), ("$", "$")):
+        if line.startswith(opener):
+            line = line[len(opener) :]
+            if line.endswith(closer):
+                line = line[: -len(closer)]
+            return line.strip()
+    return line
+
+
+def _answer_after(tail: str) -> str | None:
+    """The answer written right after a marker: a \\boxed{} in it, else the rest of its line."""
+    boxed = last_boxed(tail)
+    if boxed is not None:
+        return boxed or None
+    line = tail.splitlines()[0].strip() if tail else ""
+    line = line.strip("*\"'`").strip().rstrip(".").strip()
+    line = _strip_math_delimiters(line)
+    line = line.rstrip(".").strip("*\"'` ")
+    return line[:_MAX_ANSWER_CHARS] or None
+
+
 def extract_final_answer(text: str | None) -> str | None:
-    """The answer after the last 'Final answer:' marker, else the last \\boxed{}; None if absent."""
+    """The answer after the last 'Final answer:' marker, else the last \\boxed{}; None if absent.
+
+    A marker followed by the prompt's own template ('Final answer: <answer>', which small
+    models echo from the instructions) is not an answer: the marker before it is read instead.
+    """
     if not text or not text.strip():
         return None
-    matches = list(_MARKER_RE.finditer(text)) or list(_FALLBACK_RE.finditer(text))
+    matches = []
+    for pattern in (_MARKER_RE, _FALLBACK_RE):
+        matches = [m for m in pattern.finditer(text) if not _is_placeholder(text[m.end() :])]
+        if matches:
+            break
     if matches:
-        tail = text[matches[-1].end() :].strip()
-        boxed = last_boxed(tail)
-        if boxed is not None:
-            return boxed or None
-        line = tail.splitlines()[0].strip() if tail else ""
-        line = line.strip("*\"'`").strip()
-        if line.startswith("$") and line.endswith("$") and len(line) > 1:
-            line = line.strip("$").strip()
-        line = line.rstrip(".").strip("*\"'` ")
-        if line:
-            return line[:_MAX_ANSWER_CHARS]
+        answer = _answer_after(text[matches[-1].end() :].strip())
+        if answer is not None:
+            return answer
     boxed = last_boxed(text)
     return boxed[:_MAX_ANSWER_CHARS] if boxed else None
 
@@ -183,6 +216,15 @@ def grade_math(gold: str, response: str | None) -> Grade:
 
 
 _RG_SCORERS: dict[str, Any] = {}
+_PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _same_number(gold: str, answer: str) -> bool:
+    """Both are plain numbers (no units, no expression) with the same value."""
+    gold, answer = gold.strip(), answer.replace(",", "").strip()
+    if not (_PLAIN_NUMBER_RE.fullmatch(gold) and _PLAIN_NUMBER_RE.fullmatch(answer)):
+        return False
+    return abs(float(gold) - float(answer)) < 1e-9
 
 
 def grade_reasoning_gym(task: str, entry: dict[str, Any], response: str | None) -> Grade:
@@ -192,6 +234,8 @@ def grade_reasoning_gym(task: str, entry: dict[str, Any], response: str | None) 
     answer = extract_final_answer(response)
     if answer is None:
         return Grade(None, False)
+    if _same_number(str(entry.get("answer", "")), answer):  # '17.0' or '1,700' for a gold '17'
+        return Grade(answer, True)
     scorer = _RG_SCORERS.get(task)
     if scorer is None:
         scorer = _RG_SCORERS[task] = reasoning_gym.get_score_answer_fn(task)

@@ -60,6 +60,26 @@ def test_reasoning_gym_task_and_config():
         )
 
 
+def test_reasoning_gym_validation_split_is_disjoint_from_train_and_test():
+    base = {
+        "benchmark": "reasoning_gym",
+        "task": "basic_arithmetic",
+        "train_size": 20,
+        "test_size": 20,
+        "task_config": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
+    }
+    test = load_splits(DataConfig(**base))
+    validation = load_splits(DataConfig(**base, eval_split="validation"))
+    assert [p["id"] for p in validation.train] == [p["id"] for p in test.train]
+    held = {p["question"] for p in test.train} | {p["question"] for p in test.test}
+    assert validation.test and not held & {p["question"] for p in validation.test}
+    assert all("-validation-" in p["id"] for p in validation.test)
+    # One-digit sums repeat: the overlap is dropped and counted, never silently kept.
+    assert validation.skipped["validation question also in train or test"] > 0
+    with pytest.raises(ValueError, match="reasoning_gym only"):
+        DataConfig(benchmark="gsm8k", eval_split="validation")
+
+
 def test_jsonl_file_with_bad_rows_counts_skips(tmp_path):
     rows = [
         {"id": "a", "question": "What is 2+2?", "answer": "#### 4"},

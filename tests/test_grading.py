@@ -101,6 +101,26 @@ def test_extraction():
     assert extract_final_answer("x" * 100_000) is None  # a 100k-character rambling output
 
 
+def test_extraction_skips_the_prompt_template_echoed_by_the_model():
+    # Small models repeat the instruction ("End with 'Final answer: <answer>' where ...")
+    # after their answer, or instead of one: the template is never the answer.
+    echo = "End with 'Final answer: <answer>' where <answer> is the final result only."
+    assert extract_final_answer(f"3 + 4 = 7\nFinal answer: 7\n{echo}") == "7"
+    assert extract_final_answer(echo) is None
+    assert extract_final_answer(f"{echo}\nThe answer is 12.") == "12"
+    assert extract_final_answer("The answer to the problem is 11.") == "11"
+    assert extract_final_answer("The answer to this question is -3.") == "-3"
+    assert extract_final_answer("**Final answer:** <answer>\n\\boxed{5}") == "5"
+    assert grade_gsm8k("7", f"Final answer: 7\n{echo}").correct
+
+
+def test_extraction_strips_inline_math_delimiters():
+    assert extract_final_answer("The final answer is \\(-2\\).") == "-2"
+    assert extract_final_answer("The final answer is \\(-2") == "-2"  # cut off at the token limit
+    assert extract_final_answer("Final answer: $5$") == "5"
+    assert extract_final_answer("Final answer: \\[ 3/4 \\]") == "3/4"
+
+
 def test_reasoning_gym_uses_task_scorer():
     rg = load_splits(
         DataConfig(benchmark="reasoning_gym", task="basic_arithmetic", train_size=5, test_size=2)
@@ -110,3 +130,15 @@ def test_reasoning_gym_uses_task_scorer():
         [problem, problem], [f"Final answer: {problem['answer']}", "Final answer: 99999"]
     )
     assert good.correct and not bad.correct
+
+
+def test_reasoning_gym_numeric_answer_in_another_form():
+    rg = load_splits(
+        DataConfig(benchmark="reasoning_gym", task="basic_arithmetic", train_size=5, test_size=2)
+    )
+    problem = {**rg.train[0], "answer": "-84"}
+    same, wrong, text = grade_many(
+        [problem] * 3, ["Final answer: -84.0", "Final answer: -83.0", "Final answer: -84 apples"]
+    )
+    assert same.correct and not wrong.correct
+    assert not text.correct  # not a plain number: left to the task's own scorer

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from malt_ops.backends import Completion, InferenceBackend
+from malt_ops.config import ROLES, SamplingConfig
 from malt_ops.prompts import verifier_messages
+from malt_ops.stages.sample import expand_trees
 from malt_ops.tree import assign_values
 from tests.conftest import run_cli
 
@@ -132,3 +135,42 @@ def test_label_before_sampling_fails_clearly(sampled_run):
     assert done.returncode == 2
     assert "sample shard 0 of 1 has not finished for run 't1-local'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+class EchoBackend(InferenceBackend):
+    """Each completion names its role, sample index and the prompt it answered."""
+
+    tokenizer = None
+
+    def add_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompts, params, adapter=None, desc="generate"):
+        return [
+            [
+                Completion(f"{desc}{k} <{messages[-1]['content']}>", 1, 1, True)
+                for k in range(params.n)
+            ]
+            for messages in prompts
+        ]
+
+
+def test_every_role_sees_its_own_question_and_parents():
+    # Regression: node ids repeat across trees (each has a g0), and refiners were once shown
+    # the generator answer of the last question in the batch instead of their own.
+    problems = [
+        {"id": f"q{i}", "question": f"Question {i}?", "answer": "1", "benchmark": "gsm8k"}
+        for i in range(3)
+    ]
+    trees = expand_trees(
+        problems, EchoBackend(), SamplingConfig(n=2, m=2, l=1), dict.fromkeys(ROLES), seed=0
+    )
+    for problem, tree in zip(problems, trees, strict=True):
+        by_id = {n["id"]: n for n in tree["nodes"]}
+        for node in tree["nodes"]:
+            assert f"Question {problem['id'][1:]}?" in node["text"]
+            if node["role"] == "refiner":
+                verifier = by_id[node["parent"]]
+                generator = by_id[verifier["parent"]]
+                shown = f"First attempt:\n{generator['text']}\n\nCritique:\n{verifier['text']}"
+                assert shown in node["text"]

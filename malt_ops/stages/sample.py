@@ -135,8 +135,10 @@ def expand_trees(
 
     gens = grow("generator", 0, sampling.n, [(i, None, None) for i in range(len(problems))])
     vers = grow("verifier", 1, sampling.m, [(i, g, None) for i, g in gens])
-    parent_gen = {g["id"]: g for _, g in gens}
-    grow("refiner", 2, sampling.l, [(i, parent_gen[v["parent"]], v) for i, v in vers])
+    # Node ids repeat from tree to tree (every tree has a g0): key parents by tree too, or a
+    # refiner would be shown another question's generator answer.
+    parent_gen = {(i, g["id"]): g for i, g in gens}
+    grow("refiner", 2, sampling.l, [(i, parent_gen[(i, v["parent"])], v) for i, v in vers])
     return trees
 
 
