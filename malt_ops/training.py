@@ -72,12 +72,14 @@ def lora_config(cfg: RoleTrainingConfig):
     )
 
 
-def _load(model_dir: Path):
+def _load(model_dir: Path, dtype: str):
     from malt_ops.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "right"
-    return load_model(model_dir), tokenizer
+    # The frozen base weights in model.dtype (bfloat16 halves a CPU step on CPUs with
+    # avx512_bf16); PEFT keeps the trainable LoRA weights in float32.
+    return load_model(model_dir, dtype), tokenizer
 
 
 def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -91,12 +93,13 @@ def train_sft(
     cfg: RoleTrainingConfig,
     out_dir: Path,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> TrainResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = _load(model_dir, dtype)
     args = SFTConfig(
         **_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
         completion_only_loss=True,
@@ -121,12 +124,13 @@ def train_dpo(
     cfg: RoleTrainingConfig,
     out_dir: Path,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> TrainResult:
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = _load(model_dir, dtype)
     policy = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
     common = _common_args(
         cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps

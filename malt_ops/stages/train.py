@@ -88,7 +88,14 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"malt-train-{role}-") as scratch:
         scratch_dir = Path(scratch)
         log.info("train %s: SFT on %d positives", role, len(positives))
-        result = train_sft(model_dir, positives, cfg, scratch_dir, seed=recipe.training.seed)
+        result = train_sft(
+            model_dir,
+            positives,
+            cfg,
+            scratch_dir,
+            seed=recipe.training.seed,
+            dtype=recipe.model.dtype,
+        )
         histories["sft"] = result.history
         summary["phases"].append("sft")
         summary["sft_final_loss"] = _final_loss(result.history)
@@ -101,7 +108,15 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 len(pairs),
                 cfg.beta,
             )
-            dpo = train_dpo(model_dir, final, pairs, cfg, scratch_dir, seed=recipe.training.seed)
+            dpo = train_dpo(
+                model_dir,
+                final,
+                pairs,
+                cfg,
+                scratch_dir,
+                seed=recipe.training.seed,
+                dtype=recipe.model.dtype,
+            )
             histories["dpo"] = dpo.history
             summary["phases"].append("dpo")
             summary["dpo_final_loss"] = _final_loss(dpo.history)
