@@ -1,0 +1,352 @@
+"""Science benchmark: a full MALT cycle, then the paper's Table 1 rows for this setting.
+
+Runs prepare -> sample -> label -> train (generator, verifier, refiner, star) -> evaluate
+for a recipe through the stage commands the DAG runs (each skips when its manifest exists,
+so a rerun with the same --run-id resumes or only reports), then reads evaluate/report.json
+and per_question.jsonl from the store and reports:
+
+- the Table 1 rows (SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV, MALT), mean ± std
+  over the evaluation seeds;
+- the relative gain of MALT over SA;
+- paired one-sided tests (exact McNemar and paired bootstrap) of MALT against SA, MA+MV,
+  STaR SA+MV and STaR MA+MV on the same (seed, question) items;
+- turn-wise accuracy (after G, V, R) and answer flips per system;
+- wall time per stage.
+
+The report is printed, appended to bench/RESULTS.md (unless --no-append) and logged to
+MLflow as a nested run ``bench[science]`` under the pipeline's parent run.
+
+    python bench/science.py --recipe recipes/science-validation.yaml --run-id sci-val \\
+        [--set key=value ...] [--stages prepare,sample,label,train,evaluate | none] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import report as print_report
+from common import table
+
+from malt_ops.config import TRAINED, Recipe, load_recipe
+from malt_ops.errors import MaltError
+from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
+from malt_ops.stages.common import require_done, stage_output
+from malt_ops.stages.evaluate import setting_key
+from malt_ops.storage import iter_jsonl, validate_run_id
+
+STAGES = ("prepare", "sample", "label", "train", "evaluate")
+TARGET_GAIN = 0.07
+"""MALT must beat SA by at least this much, relative."""
+COMPARISONS = ("SA", "MA+MV", "STaR SA+MV", "STaR MA+MV")
+"""References MALT is tested against (paired, one-sided)."""
+
+
+SECONDS_PER_SEQUENCE = 0.6
+"""Measured here: Qwen2.5-Coder-0.5B bf16, hf backend, batch 32, the science prompts (answers of
+~10 tokens, each batch padded to its longest), 2 cores with avx512_bf16."""
+SECONDS_PER_SFT_STEP = 15.0
+SECONDS_PER_DPO_STEP = 28.0
+SECONDS_PER_MODEL_LOAD = 15.0
+
+
+def estimate(recipe: Recipe) -> dict[str, float]:
+    """Predicted wall seconds per stage from the recipe's sizes and this machine's rates."""
+    s, ev, t = recipe.sampling, recipe.evaluation, recipe.training
+    per_tree = s.n + s.n * s.m + s.n * s.m * s.l
+    questions = recipe.data.train_size or 1000
+    sample = questions * per_tree * SECONDS_PER_SEQUENCE + SECONDS_PER_MODEL_LOAD
+    train = 0.0
+    for role in TRAINED:
+        cfg = getattr(t, role)
+        steps = cfg.max_steps if cfg.max_steps > 0 else 50  # unbounded: a guess
+        train += steps * SECONDS_PER_SFT_STEP + SECONDS_PER_MODEL_LOAD
+        if getattr(cfg, "dpo", False) and role in ("verifier", "refiner"):
+            dpo = cfg.dpo_max_steps if cfg.dpo_max_steps > 0 else 25
+            train += dpo * SECONDS_PER_DPO_STEP + SECONDS_PER_MODEL_LOAD
+    chains = len(ev.seeds) * ev.subset_size * ev.votes
+    evaluate = 3 * chains * 3 * SECONDS_PER_SEQUENCE + SECONDS_PER_MODEL_LOAD
+    return {"prepare": 10.0, "sample": sample, "label": 5.0, "train": train, "evaluate": evaluate}
+
+
+def stage_commands(recipe: Recipe, stage: str) -> list[list[str]]:
+    """The `malt-ops` argument lists of one stage (sample per shard, train per role)."""
+    if stage == "sample":
+        return [
+            ["sample", "--shard", str(k), "--num-shards", str(recipe.sampling.num_shards)]
+            for k in range(recipe.sampling.num_shards)
+        ]
+    if stage == "train":
+        return [["train", "--role", role] for role in TRAINED]
+    return [[stage]]
+
+
+def run_cycle(
+    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str, stages: list[str]
+) -> dict[str, float]:
+    """Run the chosen stages in order (finished ones skip themselves); wall seconds per stage."""
+    from malt_ops.cli import run_stage
+
+    common = ["--recipe", recipe_path, "--run-id", run_id]
+    for override in overrides:
+        common += ["--set", override]
+    seconds: dict[str, float] = {}
+    for stage in stages:
+        started = time.perf_counter()
+        for command in stage_commands(recipe, stage):
+            print(f"== malt-ops {' '.join(command)} (run {run_id})", flush=True)
+            head, *rest = command
+            run_stage([head, *common, *rest])
+        seconds[stage] = time.perf_counter() - started
+    return seconds
+
+
+def correctness(per_question: list[dict[str, Any]], setting: str) -> dict[tuple, bool]:
+    """(seed, question id) -> correct, for one Table 1 setting."""
+    system, key = setting_key(setting)
+    return {
+        (q["seed"], q["question_id"]): bool(q[key]) for q in per_question if q["system"] == system
+    }
+
+
+def paired_tests(per_question: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    malt = correctness(per_question, "MALT")
+    rows = []
+    for reference in COMPARISONS:
+        other = correctness(per_question, reference)
+        items = sorted(set(malt) & set(other))
+        challenger = [malt[i] for i in items]
+        baseline = [other[i] for i in items]
+        rows.append(
+            {
+                "reference": reference,
+                "items": len(items),
+                "wins": sum(c and not b for c, b in zip(challenger, baseline, strict=True)),
+                "losses": sum(b and not c for c, b in zip(challenger, baseline, strict=True)),
+                "effect": effect(challenger, baseline),
+                "p_mcnemar": mcnemar_exact(challenger, baseline),
+                "p_bootstrap": paired_bootstrap(challenger, baseline),
+            }
+        )
+    return rows
+
+
+def summarize(report: dict[str, Any], per_question: list[dict[str, Any]]) -> dict[str, Any]:
+    by_name = {s["setting"]: s for s in report["settings"]}
+    sa, malt = by_name["SA"]["mean"], by_name["MALT"]["mean"]
+    gain = (malt - sa) / sa if sa > 0 else float("inf") if malt > 0 else 0.0
+    tests = paired_tests(per_question)
+    beats = {
+        t["reference"]: by_name["MALT"]["mean"] > by_name[t["reference"]]["mean"] for t in tests
+    }
+    return {
+        "relative_gain_vs_sa": gain,
+        "tests": tests,
+        "beats": beats,
+        "target_met": gain >= TARGET_GAIN
+        and beats["MA+MV"]
+        and beats["STaR SA+MV"]
+        and beats["STaR MA+MV"],
+    }
+
+
+def format_body(
+    recipe: Recipe,
+    run_id: str,
+    report: dict[str, Any],
+    summary: dict[str, Any],
+    seconds: dict[str, float],
+    labels: dict[str, Any] | None,
+) -> str:
+    data = recipe.data
+    task = f"{data.benchmark}" + (
+        f" {data.task} {json.dumps(data.task_config)}" if data.task else ""
+    )
+    model = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
+    s = recipe.sampling
+    lines = [
+        f"Recipe `{recipe.name}` (run `{run_id}`, digest {recipe.digest()}): {model}, {task}; "
+        f"{data.train_size} train questions, n×m×l = {s.n}×{s.m}×{s.l} at T={s.temperature}; "
+        f"evaluation {report['questions_per_seed']} questions × {len(recipe.evaluation.seeds)} "
+        f"seeds × {recipe.evaluation.votes} chains at T={recipe.evaluation.temperature}.",
+        "",
+    ]
+    rows = [
+        [
+            s["setting"],
+            f"{s['mean'] * 100:.2f} ± {s['std'] * 100:.2f}",
+            ", ".join(f"{v * 100:.1f}" for v in s["per_seed"]),
+            s["tokens"],
+        ]
+        for s in report["settings"]
+    ]
+    lines += [table(["setting", "accuracy % (mean ± std)", "per seed", "tokens"], rows), ""]
+    gain = summary["relative_gain_vs_sa"]
+    lines.append(f"MALT vs SA: {gain * 100:+.1f}% relative (target ≥ +{TARGET_GAIN * 100:.0f}%).")
+    lines.append("")
+    test_rows = [
+        [
+            f"MALT vs {t['reference']}",
+            t["items"],
+            f"{t['wins']}/{t['losses']}",
+            f"{t['effect'] * 100:+.2f}",
+            f"{t['p_mcnemar']:.3g}",
+            f"{t['p_bootstrap']:.3g}",
+        ]
+        for t in summary["tests"]
+    ]
+    lines += [
+        table(
+            ["paired test", "items", "wins/losses", "Δ points", "p McNemar", "p bootstrap"],
+            test_rows,
+        ),
+        "",
+        "Items are (seed, question) pairs pooled over seeds; p-values are one-sided (MALT better).",
+        "",
+    ]
+    turn_rows = []
+    for system, turns in report["turnwise"].items():
+        flips = report["flips"][system]
+        turn_rows.append(
+            [
+                system,
+                *(f"{t * 100:.1f}" for t in turns),
+                flips["wrong_to_right"],
+                flips["right_to_wrong"],
+                flips["chains"],
+            ]
+        )
+    lines += [
+        table(
+            [
+                "system",
+                "after G %",
+                "after V %",
+                "after R %",
+                "wrong→right",
+                "right→wrong",
+                "chains",
+            ],
+            turn_rows,
+        ),
+        "",
+    ]
+    if report.get("untrained"):
+        lines += [f"Untrained (base model used): {', '.join(report['untrained'])}.", ""]
+    if labels and "roles" in labels:
+        roles = ", ".join(
+            f"{role} {v['positives']} positives / {v['pairs']} pairs"
+            for role, v in labels["roles"].items()
+        )
+        lines += [
+            f"Training data ({labels['questions']} questions, "
+            f"{labels['questions_without_positive']} without any correct leaf): {roles}; "
+            f"STaR {labels['star']['positives']} positives.",
+            "",
+        ]
+    if seconds:
+        total = sum(seconds.values())
+        lines.append(
+            "Wall time this invocation: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+            + f"; total {total / 60:.1f} min."
+        )
+    return "\n".join(lines).rstrip()
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    beats = summary["beats"]
+    parts = [
+        f"MALT ≥ SA +{TARGET_GAIN * 100:.0f}% relative: "
+        + ("met" if summary["relative_gain_vs_sa"] >= TARGET_GAIN else "not met"),
+        *(f"beats {ref}: {'yes' if beats[ref] else 'no'}" for ref in COMPARISONS[1:]),
+    ]
+    return "Target: " + "; ".join(parts) + (" -> met." if summary["target_met"] else " -> not met.")
+
+
+def log_to_mlflow(
+    recipe: Recipe, run_id: str, report: dict, summary: dict, body: str, seconds: dict
+) -> None:
+    from malt_ops.tracking import log_stage
+
+    metrics: dict[str, float] = {
+        f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")
+    }
+    metrics["relative_gain_vs_SA"] = summary["relative_gain_vs_sa"]
+    metrics["target_met"] = float(summary["target_met"])
+    for t in summary["tests"]:
+        for key in ("effect", "p_mcnemar", "p_bootstrap"):
+            metrics[f"MALT_vs_{t['reference']}.{key}"] = t[key]
+    metrics |= {f"wall_seconds.{stage}": value for stage, value in seconds.items()}
+    artifacts = {
+        "science.md": body.encode(),
+        "science.json": json.dumps({"summary": summary, "seconds": seconds}, indent=2).encode(),
+    }
+    log_stage(recipe, run_id, "bench", "science", metrics=metrics, artifacts=artifacts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="e.g. recipes/science-validation.yaml")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated stages to run before reporting, or 'none' to report on a "
+        "finished run (finished stages skip themselves anyway)",
+    )
+    parser.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the predicted wall time per stage for this recipe on this machine and exit",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stages = [] if args.stages == "none" else [s.strip() for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {', '.join(STAGES)} or 'none'")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.estimate:
+            predicted = estimate(recipe)
+            for stage, seconds in predicted.items():
+                print(f"{stage:<9} {seconds / 60:6.1f} min")
+            print(f"{'total':<9} {sum(predicted.values()) / 60:6.1f} min")
+            return 0
+        run_id = validate_run_id(args.run_id)
+        seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
+        evaluated = require_done(recipe, run_id, "evaluate")
+        report = evaluated.store.read_json(evaluated.key("report.json"))
+        per_question = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
+        labeled = stage_output(recipe, run_id, "label")
+        labels = labeled.manifest().get("summary") if labeled.done() else None
+    except MaltError as exc:
+        print(f"bench/science.py: error: {exc}", file=sys.stderr)
+        return 2
+    summary = summarize(report, per_question)
+    body = format_body(recipe, run_id, report, summary, seconds, labels)
+    print_report(
+        f"bench/science.py ({Path(args.recipe).name})",
+        body,
+        verdict(summary),
+        append=not args.no_append,
+    )
+    if recipe.tracking.enabled:
+        log_to_mlflow(recipe, run_id, report, summary, body, seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
