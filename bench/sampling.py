@@ -422,36 +422,26 @@ def main() -> None:
     )
 
     sweep_rows = []
-    for row in hf_sweep:
-        work = (row["prompt_tokens"] + row["generated"]) * flops / 1e9
-        decode = row["seconds"] - row["prefill_seconds"]
-        decode_rate = row["generated"] * flops / 1e9 / decode if decode > 0 else 0.0
-        sweep_rows.append(
-            [
-                "hf",
-                row["batch"],
-                row["prompt_tokens"],
-                row["generated"],
-                f"{row['seconds']:.1f}",
-                f"{row['generated'] / row['seconds']:.1f}",
-                f"{work / row['seconds']:.1f} ({work / row['seconds'] / limit:.0%})",
-                f"{row['generated'] / decode:.1f} ({decode_rate / limit:.0%})",
-            ]
-        )
-    for row in vllm["sweep"] if vllm else []:
-        work = (row["prompt_tokens"] + row["generated"]) * flops / 1e9
-        sweep_rows.append(
-            [
-                "vllm",
-                row["batch"],
-                row["prompt_tokens"],
-                row["generated"],
-                f"{row['seconds']:.1f}",
-                f"{row['generated'] / row['seconds']:.1f}",
-                f"{work / row['seconds']:.1f} ({work / row['seconds'] / limit:.0%})",
-                "-",
-            ]
-        )
+    for backend, rows in (("hf", hf_sweep), ("vllm", vllm["sweep"] if vllm else [])):
+        for row in rows:
+            work = (row["prompt_tokens"] + row["generated"]) * flops / 1e9
+            decode_only = "-"  # vLLM interleaves prefill and decode: no prefill time of its own
+            if row["prefill_seconds"] is not None:
+                decode = row["seconds"] - row["prefill_seconds"]
+                decode_rate = row["generated"] * flops / 1e9 / decode if decode > 0 else 0.0
+                decode_only = f"{row['generated'] / decode:.1f} ({decode_rate / limit:.0%})"
+            sweep_rows.append(
+                [
+                    backend,
+                    row["batch"],
+                    row["prompt_tokens"],
+                    row["generated"],
+                    f"{row['seconds']:.1f}",
+                    f"{row['generated'] / row['seconds']:.1f}",
+                    f"{work / row['seconds']:.1f} ({work / row['seconds'] / limit:.0%})",
+                    decode_only,
+                ]
+            )
     sweep_table = table(
         [
             "backend",
