@@ -18,6 +18,11 @@ MLflow as a nested run ``bench[science]`` under the pipeline's parent run.
 
     python bench/science.py --recipe recipes/science-validation.yaml --run-id sci-val \\
         [--set key=value ...] [--stages prepare,sample,label,train,evaluate | none] [--no-append]
+
+The validation and test recipes differ only in what is evaluated, so the test run can take
+its trees, labels and adapters from the finished validation run (``--train-from sci-val``):
+the training questions must be byte-identical and the model, inference, sampling, labeling
+and training sections equal to the ones the source run logged to MLflow, else it refuses.
 """
 
 from __future__ import annotations
@@ -39,13 +44,16 @@ from malt_ops.errors import MaltError
 from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
 from malt_ops.stages.common import require_done, stage_output
 from malt_ops.stages.evaluate import setting_key
-from malt_ops.storage import iter_jsonl, validate_run_id
+from malt_ops.storage import iter_jsonl, run_prefix, validate_run_id
 
 STAGES = ("prepare", "sample", "label", "train", "evaluate")
 TARGET_GAIN = 0.07
 """MALT must beat SA by at least this much, relative."""
 COMPARISONS = ("SA", "MA+MV", "STaR SA+MV", "STaR MA+MV")
 """References MALT is tested against (paired, one-sided)."""
+REUSABLE_STAGES = ("sample", "label", "train")
+TRAINING_SIDE = ("model.", "inference.", "sampling.", "labeling.", "training.")
+"""Recipe sections that decide the trees, labels and adapters (with the training questions)."""
 
 
 SECONDS_PER_SEQUENCE = 0.6
@@ -107,6 +115,92 @@ def run_cycle(
     return seconds
 
 
+def logged_recipe(recipe: Recipe, run_id: str) -> dict[str, str]:
+    """The flattened recipe a run's MLflow pipeline run was created with."""
+    from malt_ops.tracking import KIND_TAG, RUN_TAG, client_for
+
+    client = client_for(recipe)
+    experiment = client.get_experiment_by_name(recipe.tracking.experiment)
+    found = experiment and client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    if not found:
+        raise MaltError(
+            f"--train-from {run_id}: no MLflow pipeline run for it in experiment "
+            f"'{recipe.tracking.experiment}' at {client.tracking_uri}: its recipe cannot be checked"
+        )
+    return dict(found[0].data.params)
+
+
+def training_side_differences(recipe: Recipe, source: dict[str, str]) -> list[str]:
+    """'key: source -> this' for every training-side recipe value that differs."""
+    from malt_ops.tracking import flatten
+
+    mine = flatten(recipe.model_dump(mode="json"))
+    keys = {k for k in (*mine, *source) if k.startswith(TRAINING_SIDE)}
+    return [
+        f"{k}: {source.get(k, '<unset>')} -> {mine.get(k, '<unset>')}"
+        for k in sorted(keys)
+        if source.get(k) != mine.get(k)
+    ]
+
+
+def stage_seconds(store: Any, run_id: str, stage: str) -> float:
+    """Wall seconds a finished stage took, summed over its manifests (shards, roles)."""
+    total = 0.0
+    for key in store.list(run_prefix(run_id, stage)):
+        if key.rsplit("/", 1)[-1].startswith("MANIFEST"):
+            manifest = store.read_json(key)
+            total += manifest["finished_at"] - manifest["started_at"]
+    return total
+
+
+def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]:
+    """Copy a finished run's sample, label and train outputs into this run after checking that
+    they are what this recipe would have produced; the source's wall seconds per stage."""
+    source = validate_run_id(source)
+    if source == run_id:
+        raise MaltError("--train-from names this run itself: give the finished validation run")
+    if not recipe.tracking.enabled:
+        raise MaltError(
+            "--train-from needs tracking.enabled: the source recipe is read from MLflow"
+        )
+    question_files = [
+        require_done(recipe, rid, "prepare").manifest()["files"]["problems/train.jsonl"]["sha256"]
+        for rid in (source, run_id)
+    ]
+    if question_files[0] != question_files[1]:
+        raise MaltError(
+            f"--train-from {source}: its training questions differ from this run's "
+            "(data section or data.seed changed): run without --train-from"
+        )
+    differences = training_side_differences(recipe, logged_recipe(recipe, source))
+    if differences:
+        raise MaltError(
+            f"--train-from {source}: recipe differs on the training side ("
+            + "; ".join(differences[:5])
+            + (f"; {len(differences) - 5} more" if len(differences) > 5 else "")
+            + "): run without --train-from"
+        )
+    store = stage_output(recipe, run_id, "prepare").store
+    seconds = {}
+    for stage in REUSABLE_STAGES:
+        keys = store.list(run_prefix(source, stage))
+        manifests = [k for k in keys if k.rsplit("/", 1)[-1].startswith("MANIFEST")]
+        if not manifests:
+            raise MaltError(f"--train-from {source}: its {stage} stage has not finished")
+        # manifests last, so an interrupted copy leaves this run's stage unfinished, not partial
+        for key in sorted(keys, key=lambda k: k in manifests):
+            target = run_prefix(run_id, stage) + key[len(run_prefix(source, stage)) :]
+            if not store.exists(target):
+                store.write_bytes(target, store.read_bytes(key))
+        seconds[stage] = stage_seconds(store, source, stage)
+    print(f"== sample, label, train taken from run {source} (same questions and training side)")
+    return seconds
+
+
 def correctness(per_question: list[dict[str, Any]], setting: str) -> dict[tuple, bool]:
     """(seed, question id) -> correct, for one Table 1 setting."""
     system, key = setting_key(setting)
@@ -163,6 +257,7 @@ def format_body(
     summary: dict[str, Any],
     seconds: dict[str, float],
     labels: dict[str, Any] | None,
+    reused: tuple[str, dict[str, float]] | None = None,
 ) -> str:
     data = recipe.data
     task = f"{data.benchmark}" + (
@@ -257,6 +352,16 @@ def format_body(
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
             + f"; total {total / 60:.1f} min."
         )
+    if reused:
+        source, source_seconds = reused
+        cycle = {**seconds, **source_seconds}
+        lines += [
+            "",
+            f"Sample, label and train were taken from run `{source}` (same training questions, "
+            "same training-side recipe, checked): "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in source_seconds.items())
+            + f" there; the whole cycle {sum(cycle.values()) / 60:.1f} min.",
+        ]
     return "\n".join(lines).rstrip()
 
 
@@ -304,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument(
+        "--train-from",
+        metavar="RUN_ID",
+        help="take sample, label and train from this finished run (e.g. the validation run) "
+        "after checking its training questions and training-side recipe equal this one's",
+    )
+    parser.add_argument(
         "--estimate",
         action="store_true",
         help="print the predicted wall time per stage for this recipe on this machine and exit",
@@ -326,7 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'total':<9} {sum(predicted.values()) / 60:6.1f} min")
             return 0
         run_id = validate_run_id(args.run_id)
-        seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
+        reused = None
+        if args.train_from:
+            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, ["prepare"])
+            reused = (args.train_from, reuse_training(recipe, run_id, args.train_from))
+            stages = [s for s in stages if s not in ("prepare", *REUSABLE_STAGES)]
+            seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
+        else:
+            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
         evaluated = require_done(recipe, run_id, "evaluate")
         report = evaluated.store.read_json(evaluated.key("report.json"))
         per_question = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
@@ -336,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/science.py: error: {exc}", file=sys.stderr)
         return 2
     summary = summarize(report, per_question)
-    body = format_body(recipe, run_id, report, summary, seconds, labels)
+    body = format_body(recipe, run_id, report, summary, seconds, labels, reused)
     print_report(
         f"bench/science.py ({Path(args.recipe).name})",
         body,

@@ -1,0 +1,82 @@
+"""bench/science.py --train-from: a test run takes a validation run's trees, labels and adapters
+only when they are what its own recipe would have produced."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from malt_ops.config import load_recipe
+from malt_ops.errors import MaltError
+from malt_ops.stages import prepare
+from malt_ops.stages.common import stage_output
+from malt_ops.tracking import client_for, parent_run_id
+
+# bench/ scripts import their siblings by name, as when run as `python bench/science.py`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import science
+
+
+def finished_source(recipe, run_id: str) -> None:
+    """A finished run as far as training: its recipe in MLflow, one output per stage."""
+    prepare.run(recipe, run_id)
+    parent_run_id(client_for(recipe), recipe, run_id)
+    for stage in science.REUSABLE_STAGES:
+        unit = "generator" if stage == "train" else None
+        out = stage_output(recipe, run_id, stage, unit)
+        out.write_json("outputs/data.json", {"stage": stage})
+        out.commit({"stage": stage})
+
+
+def test_train_from_copies_a_run_with_the_same_training_side(recipe_file):
+    path = recipe_file()
+    recipe = load_recipe(path)
+    finished_source(recipe, "val")
+    # what only the evaluation reads may differ
+    test_recipe = load_recipe(path, ["data.test_size=12", "evaluation.seeds=[0,1]"])
+    prepare.run(test_recipe, "test")
+
+    seconds = science.reuse_training(test_recipe, "test", "val")
+
+    assert set(seconds) == set(science.REUSABLE_STAGES)
+    for stage in science.REUSABLE_STAGES:
+        unit = "generator" if stage == "train" else None
+        copied = stage_output(test_recipe, "test", stage, unit)
+        assert copied.done()
+        assert copied.store.read_json(copied.key("outputs/data.json")) == {"stage": stage}
+    # a rerun (resume, or report only) copies nothing new and still passes the checks
+    assert science.reuse_training(test_recipe, "test", "val") == seconds
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.refiner.beta=0.5", "training.refiner.beta: 0.2 -> 0.5"),
+        ("sampling.temperature=0.9", "sampling.temperature"),
+        ("data.seed=3", "training questions differ"),
+    ],
+)
+def test_train_from_refuses_a_run_trained_differently(recipe_file, override, message):
+    path = recipe_file()
+    finished_source(load_recipe(path), "val")
+    changed = load_recipe(path, [override])
+    prepare.run(changed, "test")
+
+    with pytest.raises(MaltError, match=message):
+        science.reuse_training(changed, "test", "val")
+    for stage in science.REUSABLE_STAGES:
+        assert not stage_output(changed, "test", stage).store.list(f"runs/test/{stage}")
+
+
+def test_train_from_needs_the_source_to_have_finished_training(recipe_file):
+    recipe = load_recipe(recipe_file())
+    prepare.run(recipe, "val")
+    parent_run_id(client_for(recipe), recipe, "val")
+    prepare.run(recipe, "test")
+
+    with pytest.raises(MaltError, match="its sample stage has not finished"):
+        science.reuse_training(recipe, "test", "val")
+    with pytest.raises(MaltError, match="names this run itself"):
+        science.reuse_training(recipe, "val", "val")
