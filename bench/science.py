@@ -57,10 +57,14 @@ TRAINING_SIDE = ("model.", "inference.", "sampling.", "labeling.", "training.")
 
 
 SECONDS_PER_SEQUENCE = 0.6
-"""Measured here: Qwen2.5-Coder-0.5B bf16, hf backend, batch 32, the science prompts (answers of
-~10 tokens, each batch padded to its longest), 2 cores with avx512_bf16."""
-SECONDS_PER_SFT_STEP = 15.0
-SECONDS_PER_DPO_STEP = 28.0
+"""Measured here (run sci-val-t08): Qwen2.5-Coder-0.5B bf16, hf backend, batch 32, the science
+prompts, each prompt's n samples sharing its KV cache, 2 cores with avx512_bf16."""
+SECONDS_PER_EVAL_SEQUENCE = 1.3
+"""Evaluation levels after the generator have one sample per prompt (nothing to share) and
+longer prompts: 22.8 min for 1,080 generations in sci-val-t08."""
+SECONDS_PER_SFT_STEP = {"generator": 12.0, "verifier": 24.0, "refiner": 30.0, "star": 12.0}
+"""Batch 8; a role's examples are longer the later it speaks (its prompt holds the earlier turns)."""
+SECONDS_PER_DPO_STEP = 60.0
 SECONDS_PER_MODEL_LOAD = 15.0
 
 
@@ -74,12 +78,12 @@ def estimate(recipe: Recipe) -> dict[str, float]:
     for role in TRAINED:
         cfg = getattr(t, role)
         steps = cfg.max_steps if cfg.max_steps > 0 else 50  # unbounded: a guess
-        train += steps * SECONDS_PER_SFT_STEP + SECONDS_PER_MODEL_LOAD
+        train += steps * SECONDS_PER_SFT_STEP[role] + SECONDS_PER_MODEL_LOAD
         if getattr(cfg, "dpo", False) and role in ("verifier", "refiner"):
             dpo = cfg.dpo_max_steps if cfg.dpo_max_steps > 0 else 25
             train += dpo * SECONDS_PER_DPO_STEP + SECONDS_PER_MODEL_LOAD
     chains = len(ev.seeds) * ev.subset_size * ev.votes
-    evaluate = 3 * chains * 3 * SECONDS_PER_SEQUENCE + SECONDS_PER_MODEL_LOAD
+    evaluate = 3 * chains * 3 * SECONDS_PER_EVAL_SEQUENCE + SECONDS_PER_MODEL_LOAD
     return {"prepare": 10.0, "sample": sample, "label": 5.0, "train": train, "evaluate": evaluate}
 
 
@@ -439,10 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         run_id = validate_run_id(args.run_id)
         reused = None
         if args.train_from:
-            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, ["prepare"])
+            # this run's own questions first: the check compares its training questions
+            first = [s for s in stages if s == "prepare"]
+            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, first)
             reused = (args.train_from, reuse_training(recipe, run_id, args.train_from))
-            stages = [s for s in stages if s not in ("prepare", *REUSABLE_STAGES)]
-            seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
+            rest = [s for s in stages if s not in ("prepare", *REUSABLE_STAGES)]
+            seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, rest)
         else:
             seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
         evaluated = require_done(recipe, run_id, "evaluate")
