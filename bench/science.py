@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if recipe.tracking.enabled:
         log_to_mlflow(recipe, run_id, report, summary, body, seconds)
+        from malt_ops.tracking import finish_pipeline
+
+        finish_pipeline(recipe, run_id)  # the cycle has ended: its parent run is not running
     return 0
 
 
