@@ -121,21 +121,17 @@ def run_cycle(
 
 def logged_recipe(recipe: Recipe, run_id: str) -> dict[str, str]:
     """The flattened recipe a run's MLflow pipeline run was created with."""
-    from malt_ops.tracking import KIND_TAG, RUN_TAG, client_for
+    from malt_ops.tracking import client_for, find_parent_run
 
     client = client_for(recipe)
     experiment = client.get_experiment_by_name(recipe.tracking.experiment)
-    found = experiment and client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'",
-        max_results=1,
-    )
+    found = experiment and find_parent_run(client, experiment.experiment_id, run_id)
     if not found:
         raise MaltError(
             f"--train-from {run_id}: no MLflow pipeline run for it in experiment "
             f"'{recipe.tracking.experiment}' at {client.tracking_uri}: its recipe cannot be checked"
         )
-    return dict(found[0].data.params)
+    return dict(found.data.params)
 
 
 def training_side_differences(recipe: Recipe, source: dict[str, str]) -> list[str]:
@@ -261,7 +257,7 @@ def format_body(
     summary: dict[str, Any],
     seconds: dict[str, float],
     labels: dict[str, Any] | None,
-    reused: tuple[str, dict[str, float]] | None = None,
+    reused: tuple[str, dict[str, float], dict[str, float]] | None = None,
 ) -> str:
     data = recipe.data
     task = f"{data.benchmark}" + (
@@ -357,8 +353,9 @@ def format_body(
             + f"; total {total / 60:.1f} min."
         )
     if reused:
-        source, source_seconds = reused
-        cycle = {**seconds, **source_seconds}
+        # the manifests' times, so a report-only rerun gives the same total
+        source, source_seconds, own_seconds = reused
+        cycle = {**own_seconds, **source_seconds}
         lines += [
             "",
             f"Sample, label and train were taken from run `{source}` (same training questions, "
@@ -446,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             # this run's own questions first: the check compares its training questions
             first = [s for s in stages if s == "prepare"]
             seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, first)
-            reused = (args.train_from, reuse_training(recipe, run_id, args.train_from))
+            source_seconds = reuse_training(recipe, run_id, args.train_from)
             rest = [s for s in stages if s not in ("prepare", *REUSABLE_STAGES)]
             seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, rest)
         else:
@@ -456,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         per_question = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
         labeled = stage_output(recipe, run_id, "label")
         labels = labeled.manifest().get("summary") if labeled.done() else None
+        if args.train_from:
+            own = {s: stage_seconds(evaluated.store, run_id, s) for s in ("prepare", "evaluate")}
+            reused = (args.train_from, source_seconds, own)
     except MaltError as exc:
         print(f"bench/science.py: error: {exc}", file=sys.stderr)
         return 2

@@ -114,18 +114,23 @@ def _experiment_id(client, recipe: Recipe) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
-    """The pipeline's parent run (created with the recipe as params on first use)."""
-    from mlflow.entities import Param
-
-    experiment_id = _experiment_id(client, recipe)
+def find_parent_run(client, experiment_id: str, run_id: str):
+    """The pipeline's parent run in an experiment (its params are the run's recipe), or None."""
     found = client.search_runs(
         [experiment_id],
         filter_string=(f"tags.`{RUN_TAG}` = '{run_id}' and tags.`{KIND_TAG}` = 'pipeline'"),
         max_results=1,
     )
-    if found:
-        return found[0].info.run_id
+    return found[0] if found else None
+
+
+def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
+    """The pipeline's parent run (created with the recipe as params on first use)."""
+    from mlflow.entities import Param
+
+    experiment_id = _experiment_id(client, recipe)
+    if (found := find_parent_run(client, experiment_id, run_id)) is not None:
+        return found.info.run_id
     parent = client.create_run(
         experiment_id,
         run_name=run_id,
