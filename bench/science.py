@@ -147,13 +147,17 @@ def training_side_differences(recipe: Recipe, source: dict[str, str]) -> list[st
     ]
 
 
+def is_manifest(key: str) -> bool:
+    """MANIFEST.json of a whole stage, or MANIFEST-<unit>.json of one shard or role."""
+    return key.rsplit("/", 1)[-1].startswith("MANIFEST")
+
+
 def stage_seconds(store: Any, run_id: str, stage: str) -> float:
     """Wall seconds a finished stage took, summed over its manifests (shards, roles)."""
     total = 0.0
-    for key in store.list(run_prefix(run_id, stage)):
-        if key.rsplit("/", 1)[-1].startswith("MANIFEST"):
-            manifest = store.read_json(key)
-            total += manifest["finished_at"] - manifest["started_at"]
+    for key in filter(is_manifest, store.list(run_prefix(run_id, stage))):
+        manifest = store.read_json(key)
+        total += manifest["finished_at"] - manifest["started_at"]
     return total
 
 
@@ -188,7 +192,7 @@ def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]
     seconds = {}
     for stage in REUSABLE_STAGES:
         keys = store.list(run_prefix(source, stage))
-        manifests = [k for k in keys if k.rsplit("/", 1)[-1].startswith("MANIFEST")]
+        manifests = [k for k in keys if is_manifest(k)]
         if not manifests:
             raise MaltError(f"--train-from {source}: its {stage} stage has not finished")
         # manifests last, so an interrupted copy leaves this run's stage unfinished, not partial
@@ -444,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             first = [s for s in stages if s == "prepare"]
             seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, first)
             source_seconds = reuse_training(recipe, run_id, args.train_from)
-            rest = [s for s in stages if s not in ("prepare", *REUSABLE_STAGES)]
+            # copied units skip themselves; a shard or role the source never finished runs here
+            rest = [s for s in stages if s != "prepare"]
             seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, rest)
         else:
             seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
