@@ -571,6 +571,38 @@ class Recipe(_Section):
 
     _name = field_validator("name")(check_name)
 
+    @model_validator(mode="after")
+    def _token_budget(self) -> Recipe:
+        """Each role's training sequence holds what the sampler may write into it.
+
+        A refiner row is the question, a generator answer, a critique and the refiner's answer,
+        each of the three up to its sampling.max_new_tokens; a verifier row, the question and
+        two of them; a generator (and STaR) row, the question and one. Their sum with no
+        question at all must already fit: the check needs no tokenizer, so it runs on every
+        recipe before a sample is drawn. label checks the real prompts, with the tokenizer.
+        """
+        new = self.sampling.max_new_tokens
+        chains = {
+            "generator": ("generator",),
+            "verifier": ("generator", "verifier"),
+            "refiner": ("generator", "verifier", "refiner"),
+            "star": ("generator",),
+        }
+        problems = []
+        for role, chain in chains.items():
+            needed = sum(getattr(new, r) for r in chain)
+            max_length = getattr(self.training, role).max_length
+            # >=: the prompt has a question and a chat template on top of the sampled turns.
+            if needed >= max_length:
+                parts = " + ".join(f"sampling.max_new_tokens.{r}" for r in chain)
+                problems.append(
+                    f"training.{role}.max_length ({max_length}) must exceed {parts} ({needed}), "
+                    "or TRL truncates the role's longest rows"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def digest(self) -> str:
         """Stable hash of the effective recipe (for tags and cache keys)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

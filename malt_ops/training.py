@@ -2,7 +2,15 @@
 
 DPO keeps one base model in memory: the policy is the SFT adapter (trainable) and TRL
 adds a frozen copy of it as the ``ref`` adapter, so the reference is the SFT adapter,
-not the base model and not a second full model.
+not the base model and not a second full model. That copy is TRL-version specific (an older
+TRL, or PEFT < 0.20 with ``target_parameters``, computes the reference with adapters
+disabled, i.e. from the base model), so ``check_reference_adapter`` verifies it before
+training starts.
+
+The token budget: TRL tokenizes a conversational row with the tokenizer's chat template and
+cuts it to ``max_length`` (SFT while preparing the dataset, DPO in its collator), and drops a
+row whose prompt alone fills ``max_length``, all without a word. ``token_budget`` counts
+those rows from the same tokenization, for label's stats and the train stage.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from malt_ops.config import RoleTrainingConfig
+from malt_ops.config import Recipe, RoleTrainingConfig
+from malt_ops.errors import MaltError
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +96,76 @@ def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
 
 
-def train_sft(
+def dpo_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversational preference rows, without label's bookkeeping columns."""
+    return [
+        {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs
+    ]
+
+
+def sequence_lengths(
+    tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]]
+) -> tuple[int, int]:
+    """Tokens of the prompt (with the generation prompt) and of prompt + completion.
+
+    As TRL 1.16 tokenizes a conversational row (``trl.data_utils._tokenize``, private, and
+    absent where there is no TRL): the chat template applied by the tokenizer, no tools.
+    """
+
+    def tokens(messages: list[dict[str, str]], **kwargs: Any) -> int:
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+        return len(encoded["input_ids"])
+
+    return tokens(prompt, add_generation_prompt=True), tokens(prompt + completion)
+
+
+def token_budget(
+    tokenizer: Any, recipe: Recipe, role: str, datasets: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Rows of each dataset that TRL would truncate at ``training.<role>.max_length``; refuses
+    a prompt that leaves no room for a completion of the sampler's full length.
+
+    ``role``: one of TRAINED (STaR's completions are the generator's samples). ``datasets``:
+    name -> label's SFT rows (``messages``) or DPO rows (``prompt``, ``chosen``,
+    ``rejected``); a DPO row is truncated when either of its sequences is.
+    """
+    max_length = getattr(recipe.training, role).max_length
+    sampled_as = "generator" if role == "star" else role
+    key = f"sampling.max_new_tokens.{sampled_as}"
+    new_tokens = getattr(recipe.sampling.max_new_tokens, sampled_as)
+    report: dict[str, Any] = {"max_length": max_length, "longest_prompt": 0, "datasets": {}}
+    for name, rows in datasets.items():
+        truncated = longest = 0
+        for row in rows:
+            if "messages" in row:
+                prompt, completions = row["messages"][:-1], [row["messages"][-1:]]
+            else:
+                prompt, completions = row["prompt"], [row["chosen"], row["rejected"]]
+            lengths = [sequence_lengths(tokenizer, prompt, c) for c in completions]
+            report["longest_prompt"] = max(report["longest_prompt"], lengths[0][0])
+            full = max(length for _, length in lengths)
+            longest = max(longest, full)
+            truncated += full > max_length
+        report["datasets"][name] = {"rows": len(rows), "truncated": truncated, "longest": longest}
+    needed = report["longest_prompt"] + new_tokens
+    if report["longest_prompt"] and needed > max_length:
+        raise MaltError(
+            f"training.{role}.max_length ({max_length}) is too short: the longest {role} prompt "
+            f"is {report['longest_prompt']} tokens and {key} ({new_tokens}) more must fit after "
+            f"it; raise training.{role}.max_length to at least {needed} or lower {key}"
+        )
+    return report
+
+
+def sft_trainer(
     model_dir: Path,
     rows: list[dict[str, Any]],
     cfg: RoleTrainingConfig,
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
-) -> TrainResult:
+) -> Any:
+    """TRL's SFTTrainer with a fresh LoRA adapter, set up (dataset tokenized), not trained."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -104,20 +175,69 @@ def train_sft(
         **_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
         completion_only_loss=True,
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(sft_rows(rows)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
     )
+
+
+def train_sft(
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    cfg: RoleTrainingConfig,
+    out_dir: Path,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> TrainResult:
+    trainer = sft_trainer(model_dir, rows, cfg, out_dir, seed, dtype)
     trainer.train()
     adapter_dir = out_dir / "sft"
     trainer.model.save_pretrained(adapter_dir)
     return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
 
 
-def train_dpo(
+def check_reference_adapter(model: Any, sft_adapter: Path) -> None:
+    """DPO's reference log-probs come from a frozen, exact copy of the SFT adapter.
+
+    TRL computes the reference with the ``ref`` adapter when the model has one and with all
+    adapters disabled (the base model) when it has none, so both the adapter's presence and
+    its weights are checked, against the SFT adapter as saved.
+    """
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if "ref" not in getattr(model, "peft_config", {}):
+        raise MaltError(
+            "DPO: the trainer set up no frozen 'ref' adapter, so its reference log-probs would "
+            "come from the base model, not the SFT adapter: install the tested trl/peft "
+            "versions (requirements/lock.txt)"
+        )
+    trainable = [n for n, p in model.named_parameters() if ".ref." in n and p.requires_grad]
+    if trainable:
+        raise MaltError(
+            f"DPO: the 'ref' adapter is trainable ({trainable[0]}), so the reference would move "
+            "with the policy: install the tested trl/peft versions (requirements/lock.txt)"
+        )
+    reference = get_peft_model_state_dict(model, adapter_name="ref")
+    saved = load_file(sft_adapter / "adapter_model.safetensors")
+    differ = sorted(reference.keys() ^ saved.keys()) or [
+        key
+        for key, tensor in saved.items()
+        if not torch.equal(reference[key].detach().cpu(), tensor.to(reference[key].dtype))
+    ]
+    if differ:
+        raise MaltError(
+            f"DPO: the reference adapter 'ref' differs from the SFT adapter in {sft_adapter} "
+            f"({len(differ)} tensors, first {differ[0]}): the reference log-probs would not be "
+            "the SFT model's; install the tested trl/peft versions (requirements/lock.txt)"
+        )
+
+
+def dpo_trainer(
     model_dir: Path,
     sft_adapter: Path,
     pairs: list[dict[str, Any]],
@@ -125,7 +245,8 @@ def train_dpo(
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
-) -> TrainResult:
+) -> Any:
+    """TRL's DPOTrainer on the SFT adapter, set up (``ref`` adapter added), not trained."""
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
@@ -144,18 +265,28 @@ def train_dpo(
         1, round(cfg.batch_size / pairs_per_forward)
     )
     args = DPOConfig(**common, beta=cfg.beta)
-    rows = [
-        {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs
-    ]
     # ref_model=None with a PEFT policy: TRL copies the loaded (SFT) adapter into a frozen "ref" adapter.
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=policy,
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(dpo_rows(pairs)),
         processing_class=tokenizer,
     )
+
+
+def train_dpo(
+    model_dir: Path,
+    sft_adapter: Path,
+    pairs: list[dict[str, Any]],
+    cfg: RoleTrainingConfig,
+    out_dir: Path,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> TrainResult:
+    trainer = dpo_trainer(model_dir, sft_adapter, pairs, cfg, out_dir, seed, dtype)
+    check_reference_adapter(trainer.model, sft_adapter)
     trainer.train()
     adapter_dir = out_dir / "dpo"
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
-    return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
+    return TrainResult(adapter_dir, list(trainer.state.log_history), len(pairs), trainer)

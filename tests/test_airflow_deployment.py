@@ -73,7 +73,7 @@ TINY_RECIPE = {
     "labeling": {"threshold": 0.01},
     # Per role: the embedded default's settings with one SFT step (DPO is one step there).
     "training": {
-        role: {**values, "max_steps": 1, "max_length": 256} if isinstance(values, dict) else values
+        role: {**values, "max_steps": 1, "max_length": 320} if isinstance(values, dict) else values
         for role, values in yaml.safe_load(LOCAL_RECIPE.read_text())["training"].items()
     },
     "evaluation": {"seeds": [0], "subset_size": 1, "votes": 1, "max_new_tokens": EVAL_TOKENS},

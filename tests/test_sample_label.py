@@ -174,3 +174,129 @@ def test_every_role_sees_its_own_question_and_parents():
                 generator = by_id[verifier["parent"]]
                 shown = f"First attempt:\n{generator['text']}\n\nCritique:\n{verifier['text']}"
                 assert shown in node["text"]
+
+
+def budget_trees(long_text: str) -> list[dict]:
+    """One question whose first generator answer is long; every node right (all positives)."""
+    problem = {"id": "q0", "question": "What is 2 + 2?", "answer": "4", "benchmark": "gsm8k"}
+    short = "2 + 2 = 4.\nFinal answer: 4"
+    nodes = [
+        {"id": "g0", "role": "generator", "parent": None, "text": long_text, "correct": True},
+        {"id": "g1", "role": "generator", "parent": None, "text": short, "correct": True},
+    ]
+    for g in ("g0", "g1"):
+        nodes.append({"id": f"{g}.v0", "role": "verifier", "parent": g, "text": short})
+        nodes.append({"id": f"{g}.v0.r0", "role": "refiner", "parent": f"{g}.v0", "text": short})
+        nodes[-1]["reward"] = 1.0
+    return [{"problem": problem, "nodes": nodes}]
+
+
+def sampled_store(recipe_file, trees: list[dict], overrides: list[str]):
+    from malt_ops.config import load_recipe
+    from malt_ops.stages.common import stage_output
+
+    recipe = load_recipe(recipe_file(), overrides)
+    sampled = stage_output(recipe, "budget", "sample", unit="shard-0")
+    sampled.write_jsonl("trees/shard-0.jsonl", trees)
+    sampled.commit({})
+    return recipe
+
+
+def test_label_counts_rows_over_the_token_budget(recipe_file, model_dir):
+    # Regression (issue 16 item 7): a row longer than training.<role>.max_length was truncated
+    # by TRL without a word. The long generator answer is in generator_sft and star_sft, and in
+    # the prompt of every verifier and refiner row of its branch.
+    from mlflow import MlflowClient
+
+    from malt_ops.models import load_tokenizer
+    from malt_ops.stages import label
+    from malt_ops.training import sequence_lengths
+
+    long_text = "Two and two make four, as counting shows. " * 8 + "Final answer: 4"
+    recipe = sampled_store(
+        recipe_file, budget_trees(long_text), ["training.generator.max_length=128"]
+    )
+    stats = label.run(recipe, "budget")
+    budget = stats["token_budget"]
+    assert budget["checked"] is True
+    # Expected counts from the tokenizer itself, not from the code under test.
+    tokenizer = load_tokenizer(model_dir)
+    datasets = Path(recipe.storage.root) / "runs" / "budget" / "label" / "datasets"
+    for role, name, column in [
+        ("generator", "generator_sft", "messages"),
+        ("star", "star_sft", "messages"),
+        ("verifier", "verifier_sft", "messages"),
+        ("verifier", "verifier_dpo", None),
+    ]:
+        max_length = getattr(recipe.training, role).max_length
+        rows = read_jsonl(datasets / f"{name}.jsonl")
+        if column:
+            fulls = [sequence_lengths(tokenizer, r[column][:-1], r[column][-1:])[1] for r in rows]
+        else:
+            fulls = [
+                max(
+                    sequence_lengths(tokenizer, r["prompt"], r[side])[1]
+                    for side in ("chosen", "rejected")
+                )
+                for r in rows
+            ]
+        counted = budget["roles"][role]["datasets"][name]
+        assert counted["rows"] == len(rows)
+        assert counted["truncated"] == sum(full > max_length for full in fulls), name
+    assert budget["roles"]["generator"]["datasets"]["generator_sft"]["truncated"] == 1
+    assert budget["roles"]["star"]["datasets"]["star_sft"]["truncated"] == 0  # max_length 384
+    stored = json.loads((datasets.parent / "stats.json").read_text())
+    assert stored["token_budget"] == budget
+    client = MlflowClient(f"sqlite:///{Path(recipe.run.state_dir) / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(recipe.tracking.experiment).experiment_id],
+        filter_string="tags.`malt_ops.stage` = 'label'",
+    )
+    assert run.data.metrics["truncated.generator_sft"] == 1
+    assert run.data.metrics["truncated.star_sft"] == 0
+
+
+def test_label_refuses_a_prompt_that_leaves_no_room(recipe_file, model_dir):
+    # Regression (issue 16 item 7): a refiner prompt (system + question + first attempt +
+    # critique) longer than max_length minus the refiner's max_new_tokens was cut or dropped.
+    from malt_ops.errors import MaltError
+    from malt_ops.stages import label
+    from malt_ops.stages.common import stage_output
+
+    recipe = sampled_store(
+        recipe_file,
+        budget_trees("2 + 2 = 4.\nFinal answer: 4"),
+        [
+            "sampling.max_new_tokens.generator=16",
+            "sampling.max_new_tokens.verifier=16",
+            "sampling.max_new_tokens.refiner=16",
+            "training.refiner.max_length=120",
+        ],
+    )
+    with pytest.raises(MaltError) as info:
+        label.run(recipe, "budget")
+    message = str(info.value)
+    assert "training.refiner.max_length" in message and "\n" not in message
+    assert "sampling.max_new_tokens.refiner (16)" in message
+    assert not stage_output(recipe, "budget", "label").done()
+
+
+def test_label_without_a_tokenizer_skips_the_budget_and_counts_it(recipe_file, monkeypatch, caplog):
+    # The light image has no transformers: label still writes its datasets, and says so.
+    import sys
+
+    from malt_ops.stages import label
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    recipe = sampled_store(recipe_file, budget_trees("2 + 2 = 4.\nFinal answer: 4"), [])
+    stats = label.run(recipe, "budget")
+    trained_on = ["generator_sft", "verifier_sft", "verifier_dpo", "refiner_sft", "refiner_dpo"]
+    datasets = Path(recipe.storage.root) / "runs" / "budget" / "label" / "datasets"
+    rows = sum(len(read_jsonl(datasets / f"{name}.jsonl")) for name in [*trained_on, "star_sft"])
+    assert stats["token_budget"] == {
+        "checked": False,
+        "skip_reason": "transformers is not installed here (light image): no tokenizer",
+        "unchecked_rows": rows,
+    }
+    assert rows > 0
+    assert any("token budget not checked" in r.getMessage() for r in caplog.records)

@@ -95,3 +95,113 @@ def test_role_without_positives_is_skipped(recipe_file):
     out = stage_output(recipe, "empty", "train", unit="verifier")
     assert out.done()
     assert not out.store.exists(out.key("adapters/verifier/adapter_config.json"))
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(model_dir, tmp_path_factory):
+    """A DPO trainer set up (not trained) on a just-trained SFT adapter."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    cfg = RoleTrainingConfig(
+        rank=4, alpha=8, batch_size=2, gradient_checkpointing=False, max_length=128, max_steps=1
+    )
+    sft = train_sft(model_dir, SFT_ROWS, cfg, tmp, seed=0)
+    from malt_ops.training import dpo_trainer
+
+    return dpo_trainer(model_dir, sft.adapter_dir, PAIRS, cfg, tmp, seed=0), sft.adapter_dir
+
+
+LONG_ANSWER = "Let me add the numbers one at a time, carefully. " * 12 + "Final answer: 3"
+
+
+def test_token_budget_counts_what_trl_truncates(model_dir, tmp_path, dpo_setup):
+    # Regression (issue 16 item 7): rows longer than max_length were cut by TRL without a word.
+    # The budget's token counts must be TRL's own, so compare them with the datasets TRL built.
+    from malt_ops.models import load_tokenizer
+    from malt_ops.training import dpo_trainer, sequence_lengths, sft_rows, sft_trainer
+
+    cfg = RoleTrainingConfig(rank=4, alpha=8, max_length=96, gradient_checkpointing=False)
+    rows = [*SFT_ROWS, {"messages": conversation("What is 1 + 2?", LONG_ANSWER)}]
+    pairs = [*PAIRS, {**PAIRS[0], "rejected": [{"role": "assistant", "content": LONG_ANSWER}]}]
+    tokenizer = load_tokenizer(model_dir)
+    sft_lengths = [
+        sequence_lengths(tokenizer, r["prompt"], r["completion"]) for r in sft_rows(rows)
+    ]
+    assert sft_lengths[-1][1] > cfg.max_length >= max(full for _, full in sft_lengths[:-1])
+    built = sft_trainer(model_dir, rows, cfg, tmp_path, seed=0).train_dataset
+    assert [len(r["input_ids"]) for r in built] == [
+        min(full, cfg.max_length) for _, full in sft_lengths
+    ]
+
+    built = dpo_trainer(model_dir, dpo_setup[1], pairs, cfg, tmp_path, seed=0).train_dataset
+    for pair, row in zip(pairs, built, strict=True):
+        prompt, chosen = sequence_lengths(tokenizer, pair["prompt"], pair["chosen"])
+        _, rejected = sequence_lengths(tokenizer, pair["prompt"], pair["rejected"])
+        assert len(row["prompt_ids"]) == prompt
+        assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == chosen
+        assert len(row["prompt_ids"]) + len(row["rejected_ids"]) == rejected
+    assert rejected > cfg.max_length  # the last pair is the one TRL's collator cuts
+
+
+def test_reference_adapter_check_passes_on_trls_copy(dpo_setup):
+    from malt_ops.training import check_reference_adapter
+
+    trainer, sft_adapter = dpo_setup
+    check_reference_adapter(trainer.model, sft_adapter)
+
+
+def test_reference_adapter_check_fails_when_ref_differs(dpo_setup):
+    # Regression (issue 16 item 8): nothing checked that DPO's reference was the SFT adapter.
+    from malt_ops.errors import MaltError
+    from malt_ops.training import check_reference_adapter
+
+    trainer, sft_adapter = dpo_setup
+    param = next(p for n, p in trainer.model.named_parameters() if ".ref." in n)
+    saved = param.data.clone()
+    try:
+        param.data.add_(1e-3)
+        with pytest.raises(MaltError, match="reference adapter 'ref' differs from the SFT adapter"):
+            check_reference_adapter(trainer.model, sft_adapter)
+        param.data.copy_(saved)
+        param.requires_grad_(True)
+        with pytest.raises(MaltError, match="'ref' adapter is trainable"):
+            check_reference_adapter(trainer.model, sft_adapter)
+    finally:
+        param.data.copy_(saved)
+        param.requires_grad_(False)
+
+
+def test_reference_adapter_check_fails_without_ref(model_dir, dpo_setup):
+    from peft import PeftModel
+
+    from malt_ops.errors import MaltError
+    from malt_ops.models import load_model
+    from malt_ops.training import check_reference_adapter
+
+    _, sft_adapter = dpo_setup
+    # What an older TRL (or a peft_config path) leaves: the policy alone, so the reference
+    # log-probs would come from the bare base model.
+    policy = PeftModel.from_pretrained(load_model(model_dir), sft_adapter, is_trainable=True)
+    with pytest.raises(MaltError, match="no frozen 'ref' adapter"):
+        check_reference_adapter(policy, sft_adapter)
+
+
+def test_train_refuses_a_prompt_over_the_budget_before_loading_the_model(recipe_file):
+    # Regression (issue 16 item 7): where label had no tokenizer (the light image), nothing
+    # checked the budget; train does it for its role. 64 new tokens cannot follow the
+    # generator's ~100-token prompt within 100.
+    from malt_ops.config import load_recipe
+    from malt_ops.errors import MaltError
+    from malt_ops.prompts import generator_messages
+    from malt_ops.stages import train
+    from malt_ops.stages.common import stage_output
+
+    recipe = load_recipe(recipe_file(), ["training.generator.max_length=100"])
+    problem = {"id": "q0", "question": "What is 2 + 2?", "answer": "4", "benchmark": "gsm8k"}
+    labeled = stage_output(recipe, "budget", "label")
+    row = [*generator_messages(problem), {"role": "assistant", "content": "Final answer: 4"}]
+    labeled.write_jsonl("datasets/generator_sft.jsonl", [{"messages": row}])
+    labeled.write_jsonl("datasets/generator_dpo.jsonl", [])
+    labeled.commit({})
+    with pytest.raises(MaltError, match=r"training\.generator\.max_length \(100\) is too short"):
+        train.run(recipe, "budget", "generator")
+    assert not stage_output(recipe, "budget", "train", unit="generator").done()

@@ -1,4 +1,14 @@
-"""label: trees -> per-role SFT sets and DPO pairs (TRL conversational format) + stats."""
+"""label: trees -> per-role SFT sets and DPO pairs (TRL conversational format) + stats.
+
+The token budget is checked here, on the rows as written: per trained role and dataset, the
+rows that TRL would cut at ``training.<role>.max_length`` are counted (stats.json
+``token_budget``, MLflow ``truncated.<dataset>``), and a role whose longest prompt leaves no
+room for ``sampling.max_new_tokens`` more tokens fails the stage before anything is written.
+That needs the base model's tokenizer (transformers); where it is not installed (the light
+image) the check is skipped, logged and counted (``token_budget.unchecked_rows``), and the
+train stage, which has the tokenizer, runs the same check for its role before training. The
+recipe itself is checked earlier against a bound that needs no tokenizer (config.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from malt_ops.config import ROLES, LabelingConfig, Recipe
+from malt_ops.config import ROLES, TRAINED, LabelingConfig, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS
 from malt_ops.plots import value_histograms
@@ -174,6 +184,37 @@ def label_trees(
     return datasets, stats
 
 
+def training_datasets(recipe: Recipe, role: str) -> list[str]:
+    """The label datasets the train stage fits ``role`` on."""
+    cfg = getattr(recipe.training, role)
+    return [f"{role}_sft", *([f"{role}_dpo"] if cfg.dpo and role != "star" else [])]
+
+
+def check_token_budget(recipe: Recipe, datasets: dict[str, list]) -> dict[str, Any]:
+    """stats.json's ``token_budget``; raises MaltError when a role's prompt leaves no room."""
+    used = {role: training_datasets(recipe, role) for role in TRAINED}
+    try:
+        import transformers  # noqa: F401 - only whether it is there
+    except ImportError:
+        unchecked = sum(len(datasets[name]) for names in used.values() for name in names)
+        reason = "transformers is not installed here (light image): no tokenizer"
+        log.warning(
+            "label: token budget not checked (%s); %d rows unchecked, train checks its role",
+            reason,
+            unchecked,
+        )
+        return {"checked": False, "skip_reason": reason, "unchecked_rows": unchecked}
+    from malt_ops.models import load_tokenizer, resolve_model_dir
+    from malt_ops.training import token_budget
+
+    tokenizer = load_tokenizer(resolve_model_dir(recipe.model))
+    roles = {
+        role: token_budget(tokenizer, recipe, role, {name: datasets[name] for name in names})
+        for role, names in used.items()
+    }
+    return {"checked": True, "skip_reason": None, "unchecked_rows": 0, "roles": roles}
+
+
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
@@ -189,6 +230,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
             )
         trees.extend(iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl")))
     datasets, stats = label_trees(trees, recipe.labeling)
+    stats["token_budget"] = check_token_budget(recipe, datasets)
     for name, rows in datasets.items():
         out.write_jsonl(f"datasets/{name}.jsonl", rows)
     out.write_json("stats.json", stats)
@@ -205,7 +247,15 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     metrics |= {
         "star.positives": stats["star"]["positives"],
         "questions_without_positive": stats["questions_without_positive"],
+        "token_budget.unchecked_rows": stats["token_budget"]["unchecked_rows"],
     }
+    for budget in stats["token_budget"].get("roles", {}).values():
+        metrics |= {f"truncated.{name}": d["truncated"] for name, d in budget["datasets"].items()}
+    if truncated := {k: v for k, v in metrics.items() if k.startswith("truncated.") and v}:
+        log.warning(
+            "label: rows longer than training.<role>.max_length, which TRL will truncate: %s",
+            ", ".join(f"{k.removeprefix('truncated.')} {v}" for k, v in truncated.items()),
+        )
     out.commit(stats)
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     rows = [

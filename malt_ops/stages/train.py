@@ -78,11 +78,32 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         log_stage(recipe, run_id, STAGE, role, metrics=summary, artifacts=stage_artifacts(out))
         return summary
 
-    from malt_ops.models import resolve_model_dir
+    from malt_ops.models import load_tokenizer, resolve_model_dir
     from malt_ops.plots import loss_curves
-    from malt_ops.training import train_dpo, train_sft
+    from malt_ops.training import token_budget, train_dpo, train_sft
 
     model_dir = resolve_model_dir(recipe.model)
+    # label checks the budget where it has a tokenizer (not in the light image); this stage
+    # always has one, so the role's rows are checked again here, before the model loads.
+    budget = token_budget(
+        load_tokenizer(model_dir),
+        recipe,
+        role,
+        {f"{role}_sft": positives, **({f"{role}_dpo": pairs} if cfg.dpo else {})},
+    )
+    for name, counted in budget["datasets"].items():
+        summary[f"truncated.{name}"] = counted["truncated"]
+        if counted["truncated"]:
+            log.warning(
+                "train %s: %d of %d %s rows are longer than training.%s.max_length (%d) and "
+                "are truncated",
+                role,
+                counted["truncated"],
+                counted["rows"],
+                name,
+                role,
+                cfg.max_length,
+            )
     histories: dict[str, list] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"malt-train-{role}-") as scratch:
