@@ -214,7 +214,9 @@ def test_label_counts_rows_over_the_token_budget(recipe_file, model_dir):
 
     long_text = "Two and two make four, as counting shows. " * 8 + "Final answer: 4"
     recipe = sampled_store(
-        recipe_file, budget_trees(long_text), ["training.generator.max_length=128"]
+        recipe_file,
+        budget_trees(long_text),
+        ["training.generator.max_length=160", "sampling.max_new_tokens.generator=32"],
     )
     stats = label.run(recipe, "budget")
     budget = stats["token_budget"]
