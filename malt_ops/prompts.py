@@ -1,7 +1,14 @@
 """Role prompts per benchmark family, as chat messages (TRL's conversational format).
 
-Every role ends with a clearly marked ``Final answer:`` line so that an answer can be
-read after each turn (turn-wise accuracy). The verifier also gives a verdict.
+Each role is asked to do its own job, and only that (docs/prompts.md):
+
+- the generator solves the problem and ends with a ``Final answer:`` line;
+- the verifier checks the solution step by step, names the first wrong step or says there
+  is none, and ends with a ``Verdict: correct|incorrect`` line (read by :func:`verdict`).
+  It is not asked to restate or give an answer: asking for one invited the verifier, and
+  after it the refiner, to copy the generator's answer;
+- the refiner rewrites the solution from the critique (from the first wrong step on, with
+  the error fixed) and ends with a ``Final answer:`` line.
 """
 
 from __future__ import annotations
@@ -22,15 +29,19 @@ _GENERATOR = (
     "'{marker} <answer>' where <answer> is {fmt}."
 )
 _VERIFIER = (
-    "You check another assistant's solution. Go through it step by step, point out the first "
-    "mistake if there is one, and say how to fix it. End with two lines: "
-    "'Verdict: correct' or 'Verdict: incorrect', then '{marker} <answer>' with the answer you "
-    "believe is right, where <answer> is {fmt}."
+    "You check another assistant's solution; you do not solve the problem yourself. Go through "
+    "the solution one step at a time and check each step against the problem and the steps "
+    "before it. Name the first wrong step and say what is wrong in it, or say that there is "
+    "no wrong step. End with one line: 'Verdict: correct' if the solution is right, or "
+    "'Verdict: incorrect' if it is not."
 )
 _REFINER = (
-    "You write the final solution. You are given a problem, a first attempt and a critique of it. "
-    "Use the critique where it is right, ignore it where it is wrong, solve the problem step by "
-    "step, and end with one line '{marker} <answer>' where <answer> is {fmt}."
+    "You correct a solution. You are given a problem, a first attempt and a critique of it. "
+    "If the critique names a wrong step and it is really wrong, keep the steps before it, "
+    "redo that step with the error fixed and work out every later step again, so that your "
+    "answer comes from the corrected steps and not from the first attempt. If the critique "
+    "finds no error, check the steps yourself. Write the corrected solution step by step and "
+    "end with one line '{marker} <answer>' where <answer> is {fmt}."
 )
 
 
@@ -56,6 +67,15 @@ def _reminder(problem: dict[str, Any]) -> str:
     return f"\n\nEnd with '{FINAL_MARKER} <answer>' where <answer> is {_FORMATS[family(problem['benchmark'])]}."
 
 
+# The verdict is asked for last, in the words it must be written in: small models stop after
+# the first sentence they can copy, and a critique without the line has no verdict to read.
+_VERDICT_REMINDER = (
+    "\n\nCheck the solution step by step: name the first wrong step and what is wrong in it, "
+    "or say that every step is right. Then write the last line, exactly "
+    "'Verdict: correct' or 'Verdict: incorrect'."
+)
+
+
 def generator_messages(problem: dict[str, Any]) -> Messages:
     return [
         _system(_GENERATOR, problem),
@@ -69,7 +89,7 @@ def verifier_messages(problem: dict[str, Any], answer: str) -> Messages:
         {
             "role": "user",
             "content": f"Problem:\n{format_question(problem)}\n\n"
-            f"Solution to check:\n{answer}{_reminder(problem)}",
+            f"Solution to check:\n{answer}{_VERDICT_REMINDER}",
         },
     ]
 
@@ -80,7 +100,8 @@ def refiner_messages(problem: dict[str, Any], answer: str, critique: str) -> Mes
         {
             "role": "user",
             "content": f"Problem:\n{format_question(problem)}\n\n"
-            f"First attempt:\n{answer}\n\nCritique:\n{critique}{_reminder(problem)}",
+            f"First attempt:\n{answer}\n\nCritique:\n{critique}\n\n"
+            f"Write the corrected solution.{_reminder(problem)}",
         },
     ]
 

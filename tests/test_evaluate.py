@@ -7,6 +7,7 @@ from malt_ops.stages.evaluate import (
     chain_records,
     format_table,
     score_question,
+    verifier_correct,
 )
 
 
@@ -78,3 +79,37 @@ def test_report_has_all_ten_settings_and_table():
     table = format_table(report)
     assert "| MALT | 100.00 ± 0.00 |" in table and "| SA | 25.00 ± 35.36 |" in table
     assert report["turnwise"]["malt"] == [1.0, 1.0, 1.0]
+
+
+def test_after_verifier_is_the_endorsed_or_stated_answer():
+    def chain(g_ok, v_text, v_answer, v_ok):
+        return {
+            "g": {"answer": "2" if g_ok else "1", "correct": g_ok},
+            "v": {"text": v_text, "answer": v_answer, "correct": v_ok},
+        }
+
+    # A 'correct' verdict stands for the generator's answer, right or wrong.
+    assert verifier_correct(chain(True, "No wrong step.\nVerdict: correct", None, False))
+    assert not verifier_correct(chain(False, "No wrong step.\nVerdict: correct", None, False))
+    # 'incorrect' without an answer of its own says nothing right; with a corrected one, it counts.
+    assert not verifier_correct(chain(True, "Step 1 is wrong.\nVerdict: incorrect", None, False))
+    assert verifier_correct(chain(False, "Verdict: incorrect\nFinal answer: 2", "2", True))
+
+
+def test_copy_rate_counts_refiner_answers_equal_to_their_generator():
+    chains = chain_records(
+        tree(
+            [
+                ("17", True, None, False, "17.0", True),  # copied (the same number)
+                ("5", False, None, False, "17", True),  # changed
+                ("5", False, None, False, None, False),  # no refiner answer: not counted
+            ]
+        )
+    )
+    scored = score_question(chains)
+    assert scored["copies"] == 1 and scored["refiner_answers"] == 2
+    report = build_report(
+        {"base": {0: [scored]}, "star": {0: [scored]}, "malt": {0: [scored]}}, [0], {}
+    )
+    assert report["copying"]["malt"] == {"copies": 1, "refiner_answers": 2, "rate": 0.5}
+    assert "| R copies G % |" in format_table(report) and "| 50.0 |" in format_table(report)

@@ -17,7 +17,9 @@ from typing import Any
 from malt_ops.backends import InferenceBackend, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
+from malt_ops.grading import parse_number
 from malt_ops.metrics import majority_vote, mean_std
+from malt_ops.prompts import verdict
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
@@ -79,6 +81,25 @@ def chain_records(tree: dict[str, Any]) -> list[dict[str, Any]]:
     return chains
 
 
+def verifier_correct(chain: dict[str, Any]) -> bool:
+    """Turn-wise correctness after V. The verifier is asked for a verdict, not an answer: a
+    'correct' verdict stands for the generator's answer; otherwise only an answer the
+    verifier states itself (a corrected one) counts, and none is wrong."""
+    if verdict(chain["v"].get("text")) == "correct":
+        return bool(chain["g"]["correct"])
+    return bool(chain["v"]["correct"])
+
+
+def same_answer(first: str | None, second: str | None) -> bool:
+    """Two extracted answers that say the same thing ('17' and '17.0' too)."""
+    if first is None or second is None:
+        return False
+    a, b = parse_number(first), parse_number(second)
+    if a is not None and b is not None:
+        return abs(a - b) < 1e-9
+    return first.strip().casefold() == second.strip().casefold()
+
+
 def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips."""
 
@@ -92,10 +113,17 @@ def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
         "generator_mv": voted("g"),
         "refiner": bool(chains[0]["r"]["correct"]),
         "refiner_mv": voted("r"),
-        "turns": [sum(bool(c[t]["correct"]) for c in chains) / len(chains) for t in "gvr"],
+        "turns": [
+            sum(verifier_correct(c) if t == "v" else bool(c[t]["correct"]) for c in chains)
+            / len(chains)
+            for t in "gvr"
+        ],
         "wrong_to_right": sum(not c["g"]["correct"] and c["r"]["correct"] for c in chains),
         "right_to_wrong": sum(c["g"]["correct"] and not c["r"]["correct"] for c in chains),
         "chains": len(chains),
+        # The copy rate's parts: refiner answers equal to their own chain's generator answer.
+        "copies": sum(same_answer(c["g"]["answer"], c["r"]["answer"]) for c in chains),
+        "refiner_answers": sum(c["r"]["answer"] is not None for c in chains),
         "tokens": {
             "generator": chains[0]["g"]["completion_tokens"],
             "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
@@ -164,7 +192,23 @@ def build_report(
             "right_to_wrong": sum(q["right_to_wrong"] for q in questions),
             "chains": sum(q["chains"] for q in questions),
         }
-    return {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
+    copying = {}
+    for system, by_seed in results.items():
+        questions = [q for s in seeds for q in by_seed[s]]
+        copies = sum(q.get("copies", 0) for q in questions)
+        answers = sum(q.get("refiner_answers", 0) for q in questions)
+        copying[system] = {
+            "copies": copies,
+            "refiner_answers": answers,
+            "rate": copy_rate(copies, answers),
+        }
+    report = {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
+    return report | {"copying": copying}
+
+
+def copy_rate(copies: int, answers: int) -> float | None:
+    """Share of refiner answers equal to the generator's; None when no refiner answered."""
+    return copies / answers if answers else None
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -180,15 +224,19 @@ def format_table(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| system | after G % | after V % | after R % | wrong→right | right→wrong | chains |",
-        "|---|---|---|---|---|---|---|",
+        "| system | after G % | after V % | after R % | wrong→right | right→wrong | chains "
+        "| R copies G % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for system, turns in report["turnwise"].items():
         flips = report["flips"][system]
+        rate = report.get("copying", {}).get(system, {}).get("rate")
         lines.append(
             f"| {system} | "
             + " | ".join(f"{t * 100:.1f}" for t in turns)
-            + f" | {flips['wrong_to_right']} | {flips['right_to_wrong']} | {flips['chains']} |"
+            + f" | {flips['wrong_to_right']} | {flips['right_to_wrong']} | {flips['chains']} | "
+            + ("-" if rate is None else f"{rate * 100:.1f}")
+            + " |"
         )
     if report.get("untrained"):
         lines += [
@@ -275,6 +323,11 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         f"flips.{system}.{kind}": count
         for system, flips in report["flips"].items()
         for kind, count in flips.items()
+    }
+    metrics |= {
+        f"copy_rate.{system}": copying["rate"]
+        for system, copying in report["copying"].items()
+        if copying["rate"] is not None
     }
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))

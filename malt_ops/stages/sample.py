@@ -148,7 +148,8 @@ def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
         "unfinished_outputs": sum(not n["finished"] for n in nodes),
         "empty_outputs": sum(not (n["text"] or "").strip() for n in nodes),
         "overlong_outputs": sum(len(n["text"] or "") > MAX_OUTPUT_CHARS for n in nodes),
-        "no_answer_outputs": sum(n["answer"] is None for n in nodes),
+        # The verifier is asked for a verdict, not an answer: only G and R must answer.
+        "no_answer_outputs": sum(n["role"] != "verifier" and n["answer"] is None for n in nodes),
         "no_verdict_outputs": sum(
             n["role"] == "verifier" and verdict(n["text"]) is None for n in nodes
         ),
