@@ -11,9 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from malt_ops.config import TRAINED, Recipe, load_recipe
-from malt_ops.errors import MaltError
+from malt_ops.errors import MaltError, RegistryUnavailable
 from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
 from malt_ops.storage import disk_full, validate_run_id
+
+RETRYABLE_EXIT = 75
+"""EX_TEMPFAIL: a service did not answer; the same command may succeed when retried."""
 
 DEFAULT_RECIPE = "recipes/local.yaml"
 
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.handler(args)
+    except RegistryUnavailable as exc:
+        print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
+        return RETRYABLE_EXIT
     except MaltError as exc:
         print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
         return 2

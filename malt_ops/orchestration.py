@@ -76,7 +76,11 @@ def plan_run(context: dict[str, Any]) -> dict[str, Any]:
 
     Only ids, paths and argument lists travel through XCom, never data.
     """
-    recipe_for(context)  # fail here, in one line, before any pod or stage starts
+    recipe = recipe_for(context)  # fail here, in one line, before any pod or stage starts
+    from malt_ops.policy import run_policy
+
+    # One sampling policy for every shard: resolved here, once, and recorded in the store.
+    run_policy(recipe, run_id_for(context))
     return {"run_id": run_id_for(context)} | {
         stage: stage_arguments(stage, context) for stage in SINGLE_STAGES
     }

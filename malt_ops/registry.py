@@ -1,21 +1,28 @@
-"""The MLflow model registry: one registered model per role, aliases challenger and champion.
+"""The MLflow model registry: a system model that is the source of truth, and role mirrors.
 
 A "set" is the three role versions registered from one pipeline run (tag
-``malt_ops.run_id``); sets move between aliases together or not at all.
+``malt_ops.run_id``). Register also creates a version of ``<prefix>-system`` that records
+those three role versions (tag ``malt_ops.roles``). The aliases that decide anything
+(``challenger``, ``champion``) live on the system model: one alias write is atomic in
+MLflow, so a set is never half moved, and every reader resolves the system alias once and
+takes the role versions from the version it names. The role models' aliases are mirrors
+for people browsing the registry; they are written after the system alias, repaired by
+the next move if a write fails, and never read for a decision.
 
-Alias moves take the registry lock, a registered model ``<prefix>-registry-lock`` that
-exists only while someone holds it. Creating a registered model is atomic on every MLflow
-backend (the name is unique), so of several processes or pods racing for the lock exactly
-one creates it; the others wait and retry. The holder records which aliases it is about to
-move before moving them, so a holder that dies half-way leaves enough behind for the next
-one to finish the move. A lock left by a dead process is broken at once by a waiter on
-the same host (and pid namespace), which can see that the process is gone; elsewhere it
-expires after ``LOCK_TTL_SECONDS`` by its holder's clock (hosts are assumed to keep their
-clocks in sync, as NTP does).
+Alias moves are serialised by the registry lock, a registered model
+``<prefix>-registry-lock`` that exists only while someone holds it. Creating a registered
+model is atomic on every MLflow backend (the name is unique), so of several processes or
+pods racing for the lock exactly one creates it. A lock left by a dead process is taken
+over at once by a waiter on the same host (and pid namespace), which can see that the
+process is gone; elsewhere it expires after ``LOCK_TTL_SECONDS`` by its holder's clock.
+Taking over is itself a race that only one waiter may win: the waiter must first create
+a takeover marker named after the stale holder (atomic, like the lock), so of two waiters
+that saw the same expired lock only one deletes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,11 +32,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from malt_ops.config import ROLES, Recipe
-from malt_ops.errors import MaltError
+from malt_ops.errors import MaltError, RegistryUnavailable
 from malt_ops.tracking import client_for, tracking_uri
 
 log = logging.getLogger("malt_ops")
@@ -37,57 +45,128 @@ log = logging.getLogger("malt_ops")
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 PREVIOUS_TAG = "malt_ops.previous_champion"
+ROLES_TAG = "malt_ops.roles"
+"""On a system version: JSON role -> role model version it is made of."""
 
 LOCK_OWNER_TAG = "malt_ops.lock.owner"
 LOCK_EXPIRES_TAG = "malt_ops.lock.expires_at"
-LOCK_INTENT_TAG = "malt_ops.lock.intent"
 LOCK_PROCESS_TAG = "malt_ops.lock.process"
 """host|pid namespace|pid of the holder: a waiter on the same host sees at once that it died."""
 LOCK_TTL_SECONDS = float(os.environ.get("MALT_OPS_REGISTRY_LOCK_TTL", "300"))
 """A lock older than this is taken to belong to a dead process and is broken."""
 LOCK_TIMEOUT_SECONDS = float(os.environ.get("MALT_OPS_REGISTRY_LOCK_TIMEOUT", "360"))
 """How long to wait for the lock before failing (longer than the TTL: outlasts a dead holder)."""
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""What a reachable registry answers for a model or alias that does not exist."""
 
 
 def model_name(recipe: Recipe, role: str) -> str:
     return f"{recipe.tracking.model_prefix}-{role}"
 
 
+def system_model_name(recipe: Recipe) -> str:
+    """The registered model whose aliases are the source of truth for a set."""
+    return model_name(recipe, "system")
+
+
 def lock_name(recipe: Recipe) -> str:
     return f"{recipe.tracking.model_prefix}-registry-lock"
 
 
-def alias_versions(
-    recipe: Recipe, alias: str, client=None, *, strict: bool = False
-) -> dict[str, Any] | None:
-    """role -> ModelVersion holding ``alias``; None unless all three roles have it.
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "error_code", "") or "")
 
-    ``strict``: only a missing model or alias means None; any other registry error raises.
-    """
+
+def _unavailable(recipe: Recipe, exc: Exception) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"the model registry at {tracking_uri(recipe)} did not answer "
+        f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}): "
+        "retry when it is back"
+    )
+
+
+@dataclass(frozen=True)
+class SystemSet:
+    """One system version and the three role versions it records."""
+
+    version: str
+    roles: dict[str, Any]
+    """role -> role ModelVersion."""
+    tags: dict[str, str]
+
+    @property
+    def role_versions(self) -> dict[str, str]:
+        return {role: str(self.roles[role].version) for role in ROLES}
+
+    def describe(self) -> str:
+        return f"system v{self.version} (" + _describe(self.role_versions) + ")"
+
+
+def _read_set(recipe: Recipe, client, system_version) -> SystemSet:
+    record = json.loads(system_version.tags.get(ROLES_TAG) or "{}")
+    if sorted(record) != sorted(ROLES):
+        raise MaltError(
+            f"{system_model_name(recipe)} v{system_version.version} records no role versions "
+            f"(tag {ROLES_TAG}); register it again with this malt-ops"
+        )
+    roles = {
+        role: client.get_model_version(model_name(recipe, role), str(record[role]))
+        for role in ROLES
+    }
+    return SystemSet(str(system_version.version), roles, dict(system_version.tags))
+
+
+def resolve_set(recipe: Recipe, alias: str, client=None) -> SystemSet | None:
+    """The set ``alias`` names on the system model, read once; None only when a reachable
+    registry says there is no such model or alias. Any other failure raises
+    RegistryUnavailable: an outage must not read as "no champion"."""
     from mlflow.exceptions import MlflowException
 
     client = client or client_for(recipe)
-    found = {}
-    for role in ROLES:
-        try:
-            found[role] = client.get_model_version_by_alias(model_name(recipe, role), alias)
-        except MlflowException as exc:
-            missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-            if strict and _code(exc) not in missing:
-                raise
+    try:
+        version = client.get_model_version_by_alias(system_model_name(recipe), alias)
+        return _read_set(recipe, client, version)
+    except MlflowException as exc:
+        if _code(exc) in MISSING_CODES:
             return None
-    return found
+        raise _unavailable(recipe, exc) from None
+    except MaltError:
+        raise
+    except Exception as exc:  # connection errors surface as requests/urllib3/OSError types
+        raise _unavailable(recipe, exc) from None
 
 
-def move_alias(recipe: Recipe, alias: str, versions: dict[str, str], client=None) -> None:
-    """Point ``alias`` of each role at ``versions`` (no lock: callers hold the registry lock)."""
+def alias_versions(recipe: Recipe, alias: str, client=None) -> dict[str, Any] | None:
+    """role -> ModelVersion of the set ``alias`` names (resolved through the system model)."""
+    found = resolve_set(recipe, alias, client)
+    return dict(found.roles) if found is not None else None
+
+
+def sync_mirrors(recipe: Recipe, alias: str, client=None) -> None:
+    """Point ``alias`` on each role model at the set the system alias names.
+
+    Called after every system alias write and at the start of every move, so a mirror
+    write that failed last time is finished by the retry or the next move.
+    """
     client = client or client_for(recipe)
+    current = resolve_set(recipe, alias, client)
+    if current is None:
+        return
     for role in ROLES:
-        client.set_registered_model_alias(model_name(recipe, role), alias, versions[role])
+        name = model_name(recipe, role)
+        with suppress(Exception):  # reading a mirror is only to skip a redundant write
+            if (
+                str(client.get_model_version_by_alias(name, alias).version)
+                == current.role_versions[role]
+            ):
+                continue
+        client.set_registered_model_alias(name, alias, current.role_versions[role])
 
 
-def _code(exc: Exception) -> str:
-    return str(getattr(exc, "error_code", "") or "")
+def _move_system_alias(recipe: Recipe, alias: str, version: str, client) -> None:
+    """The one write that moves a set (atomic), then its mirrors."""
+    client.set_registered_model_alias(system_model_name(recipe), alias, str(version))
+    sync_mirrors(recipe, alias, client)
 
 
 def _this_process() -> str:
@@ -150,19 +229,12 @@ class RegistryLock:
                 return None
             raise
 
-    def _try_create(self) -> bool:
+    def _create(self, name: str, tags: dict[str, str], description: str) -> bool:
+        """Create registered model ``name``; False when it exists (someone else won)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(
-                self.name,
-                tags={
-                    LOCK_OWNER_TAG: self.owner,
-                    LOCK_EXPIRES_TAG: f"{time.time() + self.ttl:.3f}",
-                    LOCK_PROCESS_TAG: _this_process(),
-                },
-                description="malt-ops registry lock: exists only while an alias move runs",
-            )
+            self.client.create_registered_model(name, tags=tags, description=description)
             return True
         except MlflowException as exc:
             # DOES_NOT_EXIST: the holder released it between our insert and the server's lookup.
@@ -170,29 +242,66 @@ class RegistryLock:
                 return False
             raise
 
-    def _break(self, stale: dict[str, str]) -> None:
-        """Finish the dead holder's recorded alias moves, then delete its lock."""
+    def _delete(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        current = self._holder()
-        if current is None or current.get(LOCK_OWNER_TAG) != stale.get(LOCK_OWNER_TAG):
-            return  # released or broken by someone else meanwhile
-        log.warning(
-            "registry lock %s of %s %s; taking it over",
-            self.name,
-            stale.get(LOCK_OWNER_TAG, "an unknown holder"),
-            "whose process is gone" if _dead_here(stale.get(LOCK_PROCESS_TAG)) else "expired",
-        )
-        intent = current.get(LOCK_INTENT_TAG)
-        if intent:
-            for alias, versions in json.loads(intent).items():
-                log.warning("finishing its move of alias %s to %s", alias, _describe(versions))
-                move_alias(self.recipe, alias, versions, self.client)
         try:
-            self.client.delete_registered_model(self.name)
+            self.client.delete_registered_model(name)
         except MlflowException as exc:
             if _code(exc) != "RESOURCE_DOES_NOT_EXIST":
                 raise
+
+    def _try_create(self) -> bool:
+        return self._create(
+            self.name,
+            {
+                LOCK_OWNER_TAG: self.owner,
+                LOCK_EXPIRES_TAG: f"{time.time() + self.ttl:.3f}",
+                LOCK_PROCESS_TAG: _this_process(),
+            },
+            "malt-ops registry lock: exists only while an alias move runs",
+        )
+
+    def takeover_name(self, stale_owner: str) -> str:
+        """The marker a waiter must create before it may delete ``stale_owner``'s lock."""
+        digest = hashlib.sha256(stale_owner.encode()).hexdigest()[:16]
+        return f"{self.name}-takeover-{digest}"
+
+    def _break(self, stale: dict[str, str]) -> None:
+        """Delete a dead holder's lock, if this waiter wins the takeover.
+
+        Check-then-delete alone lets a slow waiter delete the lock a fast one has just
+        created; so a waiter first creates the takeover marker for this stale owner (atomic:
+        one winner), checks that the stale lock is still there, deletes it, and only then
+        removes the marker. A waiter that creates the marker after the winner removed it
+        finds the lock no longer the stale one and leaves it alone. A marker left by a
+        waiter that died is itself taken over after the TTL.
+        """
+        stale_owner = stale.get(LOCK_OWNER_TAG, "")
+        marker = self.takeover_name(stale_owner)
+        if not self._create(
+            marker,
+            {LOCK_OWNER_TAG: self.owner, LOCK_EXPIRES_TAG: f"{time.time() + self.ttl:.3f}"},
+            "malt-ops registry lock takeover in progress",
+        ):
+            with suppress(Exception):
+                expires = float(self.client.get_registered_model(marker).tags[LOCK_EXPIRES_TAG])
+                if time.time() > expires:
+                    self._delete(marker)
+            return
+        try:
+            current = self._holder()
+            if current is None or current.get(LOCK_OWNER_TAG) != stale_owner:
+                return  # released, or already broken and taken by someone else
+            log.warning(
+                "registry lock %s of %s %s; taking it over",
+                self.name,
+                stale_owner or "an unknown holder",
+                "whose process is gone" if _dead_here(stale.get(LOCK_PROCESS_TAG)) else "expired",
+            )
+            self._delete(self.name)
+        finally:
+            self._delete(marker)
 
     def acquire(self) -> None:
         started = time.monotonic()
@@ -218,16 +327,6 @@ class RegistryLock:
             if holder is not None:  # None: released just now, so try again at once
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
-
-    def record_intent(self, moves: dict[str, dict[str, str]]) -> None:
-        """Write down the alias moves about to happen, for whoever breaks this lock if we die."""
-        self.client.set_registered_model_tag(
-            self.name, LOCK_INTENT_TAG, json.dumps(moves, sort_keys=True)
-        )
-
-    def move(self, alias: str, versions: dict[str, str]) -> None:
-        self.record_intent({alias: versions})
-        move_alias(self.recipe, alias, versions, self.client)
 
     def release(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -258,58 +357,98 @@ def registry_lock(
     lock = RegistryLock(recipe, client, timeout=timeout, ttl=ttl)
     lock.acquire()
     try:
+        # Whatever an earlier holder left half-mirrored is finished before anything moves.
+        for alias in (CHALLENGER, CHAMPION):
+            sync_mirrors(recipe, alias, lock.client)
         yield lock
     finally:
         lock.release()
 
 
-def move_set(recipe: Recipe, alias: str, versions: dict[str, str], client=None) -> None:
-    """Move ``alias`` of all three roles to one set, under the registry lock."""
+def register_system_version(
+    recipe: Recipe,
+    run_id: str,
+    role_versions: dict[str, str],
+    source: str,
+    client=None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The ``<prefix>-system`` version recording ``role_versions`` (reused on a rerun)."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or client_for(recipe)
+    name = system_model_name(recipe)
+    try:
+        client.create_registered_model(
+            name, description="MALT system: generator, verifier and refiner versions, as one set"
+        )
+    except MlflowException as exc:
+        if _code(exc) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    record = json.dumps({role: str(role_versions[role]) for role in ROLES}, sort_keys=True)
+    found = client.search_model_versions(f"name = '{name}' and tags.`malt_ops.run_id` = '{run_id}'")
+    for version in sorted(found, key=lambda v: int(v.version)):
+        if version.tags.get(ROLES_TAG) == record:
+            return str(version.version)
+    version = client.create_model_version(
+        name,
+        source=source,
+        tags={"malt_ops.run_id": run_id, ROLES_TAG: record, **(tags or {})},
+        description=f"from pipeline run {run_id}: {_describe(json.loads(record))}",
+    )
+    return str(version.version)
+
+
+def move_set(recipe: Recipe, alias: str, system_version: str, client=None) -> None:
+    """Point ``alias`` at one system version (and its mirrors), under the registry lock."""
     with registry_lock(recipe, client) as lock:
-        lock.move(alias, {role: str(versions[role]) for role in ROLES})
+        _move_system_alias(recipe, alias, system_version, lock.client)
 
 
 def promote_set(
-    recipe: Recipe, versions: dict[str, str], expected: dict[str, str] | None, client=None
-) -> dict[str, str] | None:
-    """Make ``versions`` the champion set, if the champion is still ``expected``.
+    recipe: Recipe, system_version: str, expected: str | None, client=None
+) -> str | None:
+    """Make ``system_version`` the champion, if the champion is still ``expected``.
 
-    ``expected`` is the champion the challenger was compared with (None: there was none).
-    If another promotion moved the champion in the meantime, the comparison no longer
-    holds: nothing moves and the error says to rerun promote. The new versions record the
-    set they replace (tag ``malt_ops.previous_champion``) for rollback. Returns that set.
+    ``expected`` is the system version the challenger was compared with (None: there was
+    none). If another promotion moved the champion in the meantime, the comparison no
+    longer holds: nothing moves and the error says to rerun promote. A retry after this
+    very move went through (a failed mirror write) only finishes the mirrors. The new
+    version records the one it replaces (tag ``malt_ops.previous_champion``) for rollback.
+    Returns the replaced system version.
     """
     client = client or client_for(recipe)
-    versions = {role: str(versions[role]) for role in ROLES}
-    expected = {role: str(expected[role]) for role in ROLES} if expected else None
+    system_version = str(system_version)
     with registry_lock(recipe, client) as lock:
-        current = alias_versions(recipe, CHAMPION, client, strict=True)
-        now = {role: str(current[role].version) for role in ROLES} if current else None
-        if now != expected:
+        current = resolve_set(recipe, CHAMPION, lock.client)
+        now = current.version if current else None
+        if now == system_version:
+            return current.tags.get(PREVIOUS_TAG) or None
+        if now != (str(expected) if expected else None):
             raise MaltError(
-                f"the champion moved to {_describe(now)} while this run was compared with "
-                f"{_describe(expected)}: rerun promote to compare with the new champion"
+                f"the champion moved to {current.describe() if current else 'no champion'} while "
+                f"this run was compared with system v{expected or '-'}: rerun promote to compare "
+                "with the new champion"
             )
-        for role in ROLES:
-            client.set_model_version_tag(
-                model_name(recipe, role), versions[role], PREVIOUS_TAG, (now or {}).get(role, "")
-            )
-        lock.move(CHAMPION, versions)
+        lock.client.set_model_version_tag(
+            system_model_name(recipe), system_version, PREVIOUS_TAG, now or ""
+        )
+        _move_system_alias(recipe, CHAMPION, system_version, lock.client)
     return now
 
 
-def rollback_set(recipe: Recipe, client=None) -> dict[str, str]:
-    """Move ``champion`` back to the set it replaced, under the registry lock."""
+def rollback_set(recipe: Recipe, client=None) -> SystemSet:
+    """Move ``champion`` back to the system version it replaced, under the registry lock."""
     client = client or client_for(recipe)
     with registry_lock(recipe, client) as lock:
-        champion = alias_versions(recipe, CHAMPION, client, strict=True)
+        champion = resolve_set(recipe, CHAMPION, lock.client)
         if champion is None:
             raise MaltError("there is no champion set to roll back")
-        previous = {r: champion[r].tags.get(PREVIOUS_TAG, "") for r in ROLES}
-        if not all(previous.values()):
-            raise MaltError("the champion set has no previous champion to roll back to")
-        lock.move(CHAMPION, previous)
-    return previous
+        previous = champion.tags.get(PREVIOUS_TAG, "")
+        if not previous:
+            raise MaltError(f"the champion {champion.describe()} has no previous champion")
+        _move_system_alias(recipe, CHAMPION, previous, lock.client)
+        return resolve_set(recipe, CHAMPION, lock.client)
 
 
 def adapter_dir(source: str) -> Path:
@@ -335,11 +474,9 @@ def adapter_dir(source: str) -> Path:
     return path
 
 
-def champion_adapters(recipe: Recipe) -> dict[str, str] | None:
-    """role -> local adapter directory of the current champion set, or None when there is none."""
+def champion_adapters(recipe: Recipe, client=None) -> SystemSet | None:
+    """The current champion set, or None when a reachable registry has none (tracking off:
+    None). An unreachable registry raises RegistryUnavailable."""
     if not recipe.tracking.enabled:
         return None
-    versions = alias_versions(recipe, CHAMPION)
-    if versions is None:
-        return None
-    return {role: str(adapter_dir(v.source)) for role, v in versions.items()}
+    return resolve_set(recipe, CHAMPION, client)

@@ -254,3 +254,73 @@ def mlflow_server(s3_server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+# ------------------------------------------------------------------ registry sets
+
+
+@pytest.fixture
+def registry(recipe_file, mlflow_server, monkeypatch, tmp_path):
+    """A recipe whose registry is the real MLflow server, with model names of its own."""
+    from mlflow import MlflowClient
+
+    from malt_ops.config import ROLES, load_recipe
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    prefix = f"f{tmp_path.name[-10:]}".replace("_", "")
+    path = recipe_file(tracking={"experiment": prefix, "model_prefix": prefix})
+    client = MlflowClient(mlflow_server["url"])
+    for role in ROLES:
+        client.create_registered_model(f"{prefix}-{role}")
+    return {
+        "recipe": load_recipe(path),
+        "path": str(path),
+        "client": client,
+        "url": mlflow_server["url"],
+        "bucket": mlflow_server["bucket"],
+    }
+
+
+def _register(registry: dict, run: str) -> str:
+    """One set: a version per role and the system version recording them (as register leaves
+    it); returns the system version."""
+    from malt_ops.config import ROLES
+    from malt_ops.registry import model_name, register_system_version
+
+    versions = {}
+    for role in ROLES:
+        version = registry["client"].create_model_version(
+            model_name(registry["recipe"], role),
+            source=f"s3://{registry['bucket']}/faults/{run}/{role}",
+            tags={"malt_ops.run_id": run},
+        )
+        versions[role] = str(version.version)
+    return register_system_version(
+        registry["recipe"],
+        run,
+        versions,
+        f"s3://{registry['bucket']}/faults/{run}/system",
+        registry["client"],
+    )
+
+
+def _set_of(registry: dict, alias: str) -> tuple[str, str, str]:
+    """(run, system version, previous champion) of the set ``alias`` names; its three role
+    versions and the role models' mirror aliases must all come from that one run."""
+    from malt_ops.config import ROLES
+    from malt_ops.registry import PREVIOUS_TAG, model_name, resolve_set
+
+    found = resolve_set(registry["recipe"], alias, registry["client"])
+    assert found is not None, f"alias {alias} is missing on the system model"
+    runs = {v.tags["malt_ops.run_id"] for v in found.roles.values()}
+    assert runs == {found.tags["malt_ops.run_id"]}, f"{alias} mixes runs: {runs}"
+    mirrors = {
+        role: str(
+            registry["client"]
+            .get_model_version_by_alias(model_name(registry["recipe"], role), alias)
+            .version
+        )
+        for role in ROLES
+    }
+    assert mirrors == found.role_versions, f"{alias} mirrors {mirrors} != {found.describe()}"
+    return runs.pop(), found.version, found.tags.get(PREVIOUS_TAG, "")

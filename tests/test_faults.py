@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -20,76 +19,40 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from malt_ops import cli
-from malt_ops.config import ROLES, load_recipe
+from malt_ops.config import load_recipe
 from malt_ops.errors import MaltError
 from malt_ops.registry import (
     CHALLENGER,
     CHAMPION,
     LOCK_EXPIRES_TAG,
-    LOCK_INTENT_TAG,
     LOCK_OWNER_TAG,
     LOCK_PROCESS_TAG,
-    PREVIOUS_TAG,
-    alias_versions,
     lock_name,
     model_name,
     move_set,
     promote_set,
     registry_lock,
+    resolve_set,
     rollback_set,
 )
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _free_port, start_weed, stop
+from tests.conftest import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    _free_port,
+    _register,
+    _set_of,
+    start_weed,
+    stop,
+)
 
 ROUNDS = 5
 """Rounds of the promotion race; each has two threads (or processes) promoting two sets."""
 
 
 # ------------------------------------------------------------------ registry alias race
-
-
-@pytest.fixture
-def registry(recipe_file, mlflow_server, monkeypatch, tmp_path):
-    """A recipe whose registry is the real MLflow server, with model names of its own."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
-    prefix = f"f{tmp_path.name[-10:]}".replace("_", "")
-    path = recipe_file(tracking={"experiment": prefix, "model_prefix": prefix})
-    client = MlflowClient(mlflow_server["url"])
-    for role in ROLES:
-        client.create_registered_model(f"{prefix}-{role}")
-    return {
-        "recipe": load_recipe(path),
-        "path": str(path),
-        "client": client,
-        "url": mlflow_server["url"],
-        "bucket": mlflow_server["bucket"],
-    }
-
-
-def _register(registry: dict, run: str) -> dict[str, str]:
-    """One set: a version per role, tagged with its pipeline run (as register leaves it)."""
-    versions = {}
-    for role in ROLES:
-        version = registry["client"].create_model_version(
-            model_name(registry["recipe"], role),
-            source=f"s3://{registry['bucket']}/faults/{run}/{role}",
-            tags={"malt_ops.run_id": run},
-        )
-        versions[role] = str(version.version)
-    return versions
-
-
-def _set_of(registry: dict, alias: str) -> tuple[str, dict[str, str], dict[str, str]]:
-    """The one run the alias's three versions come from, their versions and previous-champion tags."""
-    found = alias_versions(registry["recipe"], alias, registry["client"])
-    assert found is not None, f"alias {alias} is missing on some role"
-    runs = {v.tags["malt_ops.run_id"] for v in found.values()}
-    assert len(runs) == 1, f"alias {alias} points at versions of several runs: {runs}"
-    versions = {r: str(v.version) for r, v in found.items()}
-    return runs.pop(), versions, {r: v.tags.get(PREVIOUS_TAG, "") for r, v in found.items()}
 
 
 def _warm_up(_: int) -> None:
@@ -99,7 +62,7 @@ def _warm_up(_: int) -> None:
     time.sleep(0.5)  # keep this worker busy so that the other one starts too
 
 
-def _contend(job: tuple[str, str, dict[str, str], dict[str, str] | None, float]) -> str:
+def _contend(job: tuple[str, str, str, str | None, float]) -> str:
     """One promotion, in its own process: challenger moves, then the champion (if still expected)."""
     url, recipe_path, versions, expected, start_at = job
     os.environ["MLFLOW_TRACKING_URI"] = url
@@ -123,7 +86,7 @@ def _contend(job: tuple[str, str, dict[str, str], dict[str, str] | None, float])
 )
 def test_concurrent_promotions_end_with_one_consistent_champion(registry, workers):
     recipe, client = registry["recipe"], registry["client"]
-    history: list[tuple[str, dict[str, str]]] = []
+    history: list[tuple[str, str]] = []
     if workers == "threads":  # each promotion has its own MlflowClient and lock owner
         pool = ThreadPoolExecutor(max_workers=2)
     else:
@@ -145,37 +108,36 @@ def test_concurrent_promotions_end_with_one_consistent_champion(registry, worker
             loser = next(run for run in sets if run != winner)
             # Both compared with the same champion; once one moved it, the other's test is void.
             assert outcomes[loser].startswith("refused: the champion moved to "), outcomes
-            assert previous == (expected or dict.fromkeys(ROLES, "")), "rollback metadata"
+            assert previous == (expected or ""), "rollback metadata"
             challenger_run, challenger, _ = _set_of(registry, CHALLENGER)
             assert challenger == sets[challenger_run]
             history.append((winner, champion))
 
     with pytest.raises(MlflowException):  # every holder released the lock
         client.get_registered_model(lock_name(recipe))
-    assert rollback_set(recipe, client) == history[-2][1]
+    assert rollback_set(recipe, client).version == history[-2][1]
     assert _set_of(registry, CHAMPION)[:2] == history[-2]
 
 
-def test_a_dead_holders_lock_expires_and_its_move_is_finished(registry):
+def test_a_dead_holders_lock_expires_and_its_mirrors_are_finished(registry):
     recipe, client = registry["recipe"], registry["client"]
     first, second = _register(registry, "old"), _register(registry, "new")
     promote_set(recipe, first, None, client)
-    # A promotion that died half-way: the lock is still there, one role already moved.
+    # A promotion that died half-way: the lock is still there, the system alias moved and
+    # one mirror too; the other mirrors still name the old set.
     client.create_registered_model(
         lock_name(recipe),
-        tags={
-            LOCK_OWNER_TAG: "gone-host:1:dead",
-            LOCK_EXPIRES_TAG: str(time.time() - 1),
-            LOCK_INTENT_TAG: json.dumps({CHAMPION: second}),
-        },
+        tags={LOCK_OWNER_TAG: "gone-host:1:dead", LOCK_EXPIRES_TAG: str(time.time() - 1)},
     )
+    client.set_registered_model_alias(f"{recipe.tracking.model_prefix}-system", CHAMPION, second)
+    new_set = resolve_set(recipe, CHAMPION, client)
     client.set_registered_model_alias(
-        model_name(recipe, "generator"), CHAMPION, second["generator"]
+        model_name(recipe, "generator"), CHAMPION, new_set.role_versions["generator"]
     )
     started = time.monotonic()
     move_set(recipe, CHALLENGER, second, client)
     assert time.monotonic() - started < 10
-    assert _set_of(registry, CHAMPION)[:2] == ("new", second)  # the dead holder's move, finished
+    assert _set_of(registry, CHAMPION)[:2] == ("new", second)  # the mirrors, finished
     assert _set_of(registry, CHALLENGER)[:2] == ("new", second)
     with pytest.raises(MlflowException):
         client.get_registered_model(lock_name(recipe))

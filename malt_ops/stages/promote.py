@@ -10,9 +10,9 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any
 
-from malt_ops.config import ROLES, Recipe
+from malt_ops.config import Recipe
 from malt_ops.errors import MaltError
-from malt_ops.registry import CHAMPION, alias_versions, promote_set, rollback_set
+from malt_ops.registry import CHAMPION, promote_set, registry_lock, resolve_set, rollback_set
 from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
@@ -85,19 +85,24 @@ def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _decision(recipe: Recipe, run_id: str, versions: dict, client) -> dict[str, Any]:
-    """Compare the challenger set with the champion (or the base model): the decision."""
+def _decision(
+    recipe: Recipe, run_id: str, versions: dict, system_version: str | None, client
+) -> dict[str, Any]:
+    """Compare the challenger set with the champion (or the base model): the decision.
+
+    The champion is read once, from the system alias, so it is always one whole set."""
     from malt_ops.stages.evaluate import setting_key
 
     system, key = setting_key(recipe.promotion.gate_setting)
-    champion = alias_versions(recipe, CHAMPION, client)
-    if not versions:
+    found = resolve_set(recipe, CHAMPION, client)
+    champion = found.roles if found else None
+    if not versions or not system_version:
         decision = {
             "promoted": False,
             "reason": "no complete challenger set was registered",
             "reference": None,
         }
-    elif champion and all(champion[r].version == versions[r] for r in ROLES):
+    elif found and found.version == str(system_version):
         decision = {
             "promoted": False,
             "reason": "the challenger already is the champion",
@@ -107,7 +112,7 @@ def _decision(recipe: Recipe, run_id: str, versions: dict, client) -> dict[str, 
         challenger = _per_question(recipe, run_id, system, key)
         if champion:
             reference = _champion_per_question(recipe, run_id, champion, key)
-            label = "champion " + ", ".join(f"{r} v{champion[r].version}" for r in ROLES)
+            label = f"champion {found.describe()}"
         else:
             base_system, base_key = setting_key(recipe.promotion.baseline_setting)
             reference = _per_question(recipe, run_id, base_system, base_key)
@@ -118,28 +123,26 @@ def _decision(recipe: Recipe, run_id: str, versions: dict, client) -> dict[str, 
             "gate_setting": recipe.promotion.gate_setting,
         }
     decision["challenger"] = versions
-    decision["champion_before"] = {r: v.version for r, v in champion.items()} if champion else None
+    decision["challenger_system"] = system_version
+    decision["champion_before"] = found.role_versions if found else None
+    decision["champion_before_system"] = found.version if found else None
     return decision
 
 
 def _apply(recipe: Recipe, decision: dict[str, Any], client, store, pending: str) -> None:
     """Make the challenger the champion (under the registry lock, and only if the champion is
-    still the one compared with), unless an interrupted earlier attempt already did."""
-    versions = decision["challenger"]
-
-    def moved() -> bool:
-        current = alias_versions(recipe, CHAMPION, client)
-        return current is not None and all(
-            str(current[r].version) == str(versions[r]) for r in ROLES
-        )
-
-    if moved():
-        return
-    try:
-        promote_set(recipe, versions, decision["champion_before"], client)
-    except MaltError:
-        if moved():  # the lock taken over from the dead attempt finished its move
+    still the one compared with). A retry after the system alias moved but a mirror write
+    failed only finishes the mirrors; the task fails until every alias names one set."""
+    target = decision["challenger_system"]
+    current = resolve_set(recipe, CHAMPION, client)
+    if current is not None and current.version == str(target):
+        with registry_lock(recipe, client):  # taking the lock finishes unfinished mirrors
             return
+    try:
+        promote_set(recipe, target, decision["champion_before_system"], client)
+    except MaltError as exc:
+        if "the champion moved to" not in str(exc):
+            raise
         store.delete_prefix(pending)  # the champion moved on: the next attempt decides anew
         raise
 
@@ -154,7 +157,8 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     if (done := already_done(out)) is not None:
         return done
     registered = require_done(recipe, run_id, "register")
-    versions = registered.manifest()["summary"].get("versions") or {}
+    summary = registered.manifest()["summary"]
+    versions = summary.get("versions") or {}
     client = client_for(recipe)
     # The decision is written down before the registry moves, so a rerun after a crash
     # applies the same decision instead of finding its own set already champion.
@@ -162,7 +166,9 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     if out.store.exists(pending):
         log.info("promote: applying the decision taken before an interruption")
     else:
-        out.store.write_json(pending, _decision(recipe, run_id, versions, client))
+        out.store.write_json(
+            pending, _decision(recipe, run_id, versions, summary.get("system_version"), client)
+        )
     decision = out.store.read_json(pending)
     if decision["promoted"]:
         _apply(recipe, decision, client, out.store, pending)
@@ -195,7 +201,5 @@ def rollback(recipe: Recipe) -> dict[str, str]:
 
 def _rollback(recipe: Recipe) -> dict[str, str]:
     previous = rollback_set(recipe)
-    log.info(
-        "rollback: champion moved back to %s", ", ".join(f"{r} v{v}" for r, v in previous.items())
-    )
-    return previous
+    log.info("rollback: champion moved back to %s", previous.describe())
+    return previous.role_versions

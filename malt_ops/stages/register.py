@@ -1,4 +1,6 @@
-"""register: the run's three role adapters become MLflow model versions with alias `challenger`."""
+"""register: the run's three role adapters become MLflow model versions, and one version of
+``<prefix>-system`` records the three of them; that system version gets alias `challenger`
+(mirrored on the role models)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Any
 
 from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
-from malt_ops.registry import CHALLENGER, model_name, move_set
+from malt_ops.registry import CHALLENGER, model_name, move_set, register_system_version
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
@@ -21,7 +23,7 @@ HELP = (
 def _create_version(
     client, recipe: Recipe, run_id: str, name: str, role: str, tags: dict[str, str]
 ):
-    """A model version whose source is the adapter in the store.
+    """A model version whose source is the adapter in the store (see _logged_source).
 
     An MLflow server refuses local paths as sources (only artifacts of a run may be local),
     so with a local store and a remote server the adapter is logged as an artifact of the
@@ -37,21 +39,43 @@ def _create_version(
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
             raise
+    store = stage_output(recipe, run_id, "train").store
+    parent, logged = _logged_source(
+        client, recipe, run_id, str(store.local_dir(adapter_key(run_id, role))), f"adapters/{role}"
+    )
+    return client.create_model_version(
+        name, source=logged, run_id=parent, tags=tags, description=f"from pipeline run {run_id}"
+    )
+
+
+def _logged_source(client, recipe: Recipe, run_id: str, local: str, path: str) -> tuple[str, str]:
+    """Log ``local`` as an artifact of the pipeline run: (parent run id, runs:/ source).
+
+    An MLflow server refuses local paths as sources (only artifacts of a run may be local),
+    so with a local store and a remote server the files go in as artifacts.
+    """
     from malt_ops.tracking import parent_run_id
 
     parent = parent_run_id(client, recipe, run_id)
-    client.log_artifacts(
-        parent,
-        str(stage_output(recipe, run_id, "train").store.local_dir(adapter_key(run_id, role))),
-        artifact_path=f"adapters/{role}",
+    client.log_artifacts(parent, local, artifact_path=path)
+    return parent, f"runs:/{parent}/{path}"
+
+
+def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, tags) -> str:
+    """The system version recording ``versions``; its files (system.json) sit in the store."""
+    from mlflow.exceptions import MlflowException
+
+    out.write_json("system/system.json", {"roles": versions, "run_id": run_id})
+    source = out.store.uri(out.key("system"))
+    try:
+        return register_system_version(recipe, run_id, versions, source, client, tags)
+    except MlflowException as exc:
+        if "local path" not in str(exc) or source.startswith("s3://"):
+            raise
+    _, logged = _logged_source(
+        client, recipe, run_id, str(out.store.local_dir(out.key("system"))), "system"
     )
-    return client.create_model_version(
-        name,
-        source=f"runs:/{parent}/adapters/{role}",
-        run_id=parent,
-        tags=tags,
-        description=f"from pipeline run {run_id}",
-    )
+    return register_system_version(recipe, run_id, versions, logged, client, tags)
 
 
 def _create_model(client, name: str, description: str) -> None:
@@ -103,22 +127,24 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     ]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
     with registry_errors(recipe):
-        versions = _register_set(recipe, run_id, base, data_hash, metrics)
-    summary = {"registered": True, "versions": versions, "reason": None}
+        versions = _register_set(recipe, out, run_id, base, data_hash, metrics)
+    system = versions.pop("system")
+    summary = {"registered": True, "versions": versions, "system_version": system, "reason": None}
     out.write_json("versions.json", summary)
     out.commit(summary)
     log_stage(recipe, run_id, STAGE, metrics={f"{r}.version": int(v) for r, v in versions.items()})
     log.info(
-        "register: challenger set %s",
+        "register: challenger system v%s = %s",
+        system,
         ", ".join(f"{model_name(recipe, r)} v{v}" for r, v in versions.items()),
     )
     return summary
 
 
 def _register_set(
-    recipe: Recipe, run_id: str, base: str, data_hash: str, metrics: dict
+    recipe: Recipe, out, run_id: str, base: str, data_hash: str, metrics: dict
 ) -> dict[str, str]:
-    store = stage_output(recipe, run_id, STAGE).store
+    store = out.store
     client = client_for(recipe)
     versions = {}
     for role in ROLES:
@@ -137,6 +163,8 @@ def _register_set(
         version = _version_of_run(client, name, run_id) or _create_version(
             client, recipe, run_id, name, role, tags
         )
-        versions[role] = version.version
-    move_set(recipe, CHALLENGER, versions, client)  # all three at once, under the registry lock
-    return versions
+        versions[role] = str(version.version)
+    shared = {k: tags[k] for k in ("base_model", "recipe_digest", "data_sha256")}
+    system = _system_version(client, recipe, out, run_id, versions, shared)
+    move_set(recipe, CHALLENGER, system, client)  # one alias write moves all three
+    return {**versions, "system": system}

@@ -24,6 +24,7 @@ from malt_ops.backends import InferenceBackend, SamplingParams, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS, grade_many
+from malt_ops.policy import policy_adapter_paths, run_policy
 from malt_ops.prompts import generator_messages, refiner_messages, verdict, verifier_messages
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import Store, dumps_jsonl, iter_jsonl
@@ -35,19 +36,6 @@ HELP = "Sample n generator x m verifier x l refiner trajectories per training qu
 
 def shard_of(problems: list[dict[str, Any]], shard: int, num_shards: int) -> list[dict[str, Any]]:
     return [p for i, p in enumerate(problems) if i % num_shards == shard]
-
-
-def policy_adapter_paths(recipe: Recipe) -> dict[str, str | None]:
-    """role -> adapter directory of the sampling policy (None = base model with the role prompt)."""
-    if recipe.sampling.policy == "champion":
-        from malt_ops.registry import champion_adapters
-
-        champion = champion_adapters(recipe)
-        if champion is not None:
-            return dict(champion)
-        log.info("sample: no champion set yet; sampling with the base model")
-        return dict.fromkeys(ROLES)
-    return {role: getattr(recipe.sampling.adapters, role) for role in ROLES}
 
 
 def load_policy_adapters(
@@ -219,7 +207,10 @@ def run(
     problems = shard_of(
         list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
     )
-    policy = policy_adapter_paths(recipe)
+    recorded = run_policy(recipe, run_id)
+    policy = policy_adapter_paths(recipe, recorded)
+    if recorded["kind"] == "champion" and recorded["system_version"] is None:
+        log.info("sample: no champion set yet; sampling with the base model")
     from malt_ops.models import check_adapter_dir
 
     for path in policy.values():  # a broken adapter fails here, before the base model loads
@@ -287,6 +278,7 @@ def run(
         "batches_reused": reused,
         "wall_seconds": time.perf_counter() - started,
         "policy": policy,
+        "policy_system_version": recorded.get("system_version"),
     }
     out.write_bytes(f"trees/shard-{shard}.jsonl", b"".join(parts))
     out.commit(summary)
