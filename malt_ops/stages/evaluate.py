@@ -17,7 +17,8 @@ from typing import Any
 from malt_ops.backends import InferenceBackend, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
-from malt_ops.metrics import majority_vote, mean_std
+from malt_ops.grading import answer_classes
+from malt_ops.metrics import majority_vote, mean_std, stable_seed
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
@@ -79,11 +80,20 @@ def chain_records(tree: dict[str, Any]) -> list[dict[str, Any]]:
     return chains
 
 
-def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips."""
+def score_question(
+    problem: dict[str, Any], chains: list[dict[str, Any]], tie_seed: int
+) -> dict[str, Any]:
+    """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips.
+
+    +MV votes on answer classes under the grader's equality (``grading.answer_classes``):
+    '17' and '17.0' are one answer; a chain without an answer does not vote. The winner's
+    correctness is its class's (the class's first chain's grade). A tie is broken by
+    ``tie_seed`` (``metrics.stable_seed(evaluation seed, question id)``), separately per turn.
+    """
 
     def voted(turn: str) -> bool:
-        winner = majority_vote([c[turn]["answer"] for c in chains])
+        classes = answer_classes(problem, [c[turn]["answer"] for c in chains])
+        winner = majority_vote(classes, seed=stable_seed(tie_seed, turn))
         return winner is not None and bool(chains[winner][turn]["correct"])
 
     tokens_first = sum(chains[0][t]["completion_tokens"] for t in "gvr")
@@ -96,6 +106,8 @@ def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
         "wrong_to_right": sum(not c["g"]["correct"] and c["r"]["correct"] for c in chains),
         "right_to_wrong": sum(c["g"]["correct"] and not c["r"]["correct"] for c in chains),
         "chains": len(chains),
+        # Outputs of all three turns whose answer was read without a 'Final answer:' marker.
+        "extraction_fallbacks": sum(bool(c[t].get("fallback")) for c in chains for t in "gvr"),
         "tokens": {
             "generator": chains[0]["g"]["completion_tokens"],
             "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
@@ -127,7 +139,12 @@ def run_system(
     trees = expand_trees([p for _, p in flat], backend, sampling, adapters, seed=ev.seeds[0])
     scored: dict[int, list[dict[str, Any]]] = {seed: [] for seed in problems_by_seed}
     for (seed, problem), tree in zip(flat, trees, strict=True):
-        scored[seed].append({"question_id": problem["id"], **score_question(chain_records(tree))})
+        scored[seed].append(
+            {
+                "question_id": problem["id"],
+                **score_question(problem, chain_records(tree), stable_seed(seed, problem["id"])),
+            }
+        )
     return scored
 
 
@@ -153,7 +170,7 @@ def build_report(
                 "tokens": sum(q["tokens"][key] for s in seeds for q in results[system][s]),
             }
         )
-    turnwise, flips = {}, {}
+    turnwise, flips, fallbacks = {}, {}, {}
     for system, by_seed in results.items():
         questions = [q for s in seeds for q in by_seed[s]]
         turnwise[system] = [
@@ -164,7 +181,17 @@ def build_report(
             "right_to_wrong": sum(q["right_to_wrong"] for q in questions),
             "chains": sum(q["chains"] for q in questions),
         }
-    return {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
+        fallbacks[system] = {
+            "fallbacks": sum(q.get("extraction_fallbacks", 0) for q in questions),
+            "outputs": 3 * sum(q["chains"] for q in questions),
+        }
+    return {
+        "settings": settings,
+        "turnwise": turnwise,
+        "flips": flips,
+        "extraction_fallbacks": fallbacks,
+        **notes,
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -275,6 +302,10 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         f"flips.{system}.{kind}": count
         for system, flips in report["flips"].items()
         for kind, count in flips.items()
+    }
+    metrics |= {
+        f"extraction_fallbacks.{system}": counts["fallbacks"]
+        for system, counts in report["extraction_fallbacks"].items()
     }
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))

@@ -75,6 +75,7 @@ def _node(node_id: str, role: str, parent: str | None, completion, grade) -> dic
         "text": completion.text,
         "answer": grade.answer,
         "correct": grade.correct,
+        "fallback": grade.fallback,
         "finished": completion.finished,
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
@@ -149,6 +150,7 @@ def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
         "empty_outputs": sum(not (n["text"] or "").strip() for n in nodes),
         "overlong_outputs": sum(len(n["text"] or "") > MAX_OUTPUT_CHARS for n in nodes),
         "no_answer_outputs": sum(n["answer"] is None for n in nodes),
+        "fallback_answer_outputs": sum(bool(n.get("fallback")) for n in nodes),  # no marker
         "no_verdict_outputs": sum(
             n["role"] == "verifier" and verdict(n["text"]) is None for n in nodes
         ),
