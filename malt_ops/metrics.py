@@ -1,22 +1,37 @@
-"""Small pure helpers for evaluation: majority vote, mean and std."""
+"""Small pure helpers for evaluation: majority vote, a stable seed, mean and std."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 
-def majority_vote(answers: Sequence[str | None]) -> int | None:
-    """Index of the chain whose answer wins the vote (ties: the earliest); None if no chain answered."""
-    counted = Counter(a for a in answers if a is not None)
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from ``parts`` (e.g. evaluation seed and question id) that is the same in
+    every process: Python's hash() of a string changes with PYTHONHASHSEED."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def majority_vote(classes: Sequence[Hashable | None], seed: int) -> int | None:
+    """Index of the chain that wins the vote over answer classes; None if no chain answered.
+
+    ``classes`` holds one key per chain (e.g. ``grading.answer_classes``); None is a chain
+    without an answer, which does not vote. The most frequent class wins, and the winning
+    index is that class's first chain, so its grade is the class's. A tie between classes is
+    broken by ``random.Random(seed)``, uniformly among the tied classes: reproducible for a
+    seed, and not biased towards the first chain across questions seeded differently.
+    """
+    counted = Counter(c for c in classes if c is not None)
     if not counted:
         return None
     best = max(counted.values())
-    for index, answer in enumerate(answers):
-        if answer is not None and counted[answer] == best:
-            return index
-    return None
+    tied = [c for c in dict.fromkeys(c for c in classes if c is not None) if counted[c] == best]
+    winner = tied[0] if len(tied) == 1 else random.Random(seed).choice(tied)
+    return classes.index(winner)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

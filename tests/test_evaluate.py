@@ -1,6 +1,8 @@
 """Evaluation scoring: votes, turn-wise accuracy, flips and the ten-setting report."""
 
-from malt_ops.metrics import majority_vote, mean_std
+from malt_ops.data import make_problem
+from malt_ops.grading import grade_many
+from malt_ops.metrics import mean_std
 from malt_ops.stages.evaluate import (
     SETTINGS,
     build_report,
@@ -10,14 +12,17 @@ from malt_ops.stages.evaluate import (
     verifier_correct,
 )
 
+GSM8K = make_problem("gsm8k", "q", "How many?", "2")
 
-def node(node_id, role, parent, answer, correct, tokens=10):
+
+def node(node_id, role, parent, answer, correct, tokens=10, fallback=False):
     return {
         "id": node_id,
         "role": role,
         "parent": parent,
         "answer": answer,
         "correct": correct,
+        "fallback": fallback,
         "completion_tokens": tokens,
     }
 
@@ -31,13 +36,10 @@ def tree(outcomes):
             node(f"g{i}.v0", "verifier", f"g{i}", va, vc),
             node(f"g{i}.v0.r0", "refiner", f"g{i}.v0", ra, rc),
         ]
-    return {"problem": {"id": "q"}, "nodes": nodes}
+    return {"problem": GSM8K, "nodes": nodes}
 
 
-def test_majority_vote_and_mean_std():
-    assert majority_vote(["3", "4", "4"]) == 1
-    assert majority_vote(["3", None, "5"]) == 0  # tie: the earliest
-    assert majority_vote([None, None]) is None
+def test_mean_std():
     mean, std = mean_std([0.5, 1.0])
     assert mean == 0.75 and abs(std - 0.3535533905932738) < 1e-12
     assert mean_std([0.4]) == (0.4, 0.0)
@@ -53,7 +55,7 @@ def test_score_question_votes_turns_and_flips():
             ]
         )
     )
-    scored = score_question(chains)
+    scored = score_question(GSM8K, chains, tie_seed=0)
     assert scored["generator"] is False and scored["generator_mv"] is False  # "1" wins the G vote
     assert scored["refiner"] is True and scored["refiner_mv"] is True  # "2" wins the R vote
     assert scored["turns"] == [1 / 3, 2 / 3, 2 / 3]
@@ -62,8 +64,8 @@ def test_score_question_votes_turns_and_flips():
 
 
 def test_report_has_all_ten_settings_and_table():
-    good = score_question(chain_records(tree([("2", True, "2", True, "2", True)] * 3)))
-    bad = score_question(chain_records(tree([("1", False, "1", False, "1", False)] * 3)))
+    good = score_question(GSM8K, chain_records(tree([("2", True, "2", True, "2", True)] * 3)), 0)
+    bad = score_question(GSM8K, chain_records(tree([("1", False, "1", False, "1", False)] * 3)), 0)
     results = {
         "base": {0: [bad, bad], 1: [good, bad]},
         "star": {0: [good, bad], 1: [good, bad]},
@@ -106,10 +108,58 @@ def test_copy_rate_counts_refiner_answers_equal_to_their_generator():
             ]
         )
     )
-    scored = score_question(chains)
+    scored = score_question(make_problem("gsm8k", "q17", "How many?", "17"), chains, 0)
     assert scored["copies"] == 1 and scored["refiner_answers"] == 2
     report = build_report(
         {"base": {0: [scored]}, "star": {0: [scored]}, "malt": {0: [scored]}}, [0], {}
     )
     assert report["copying"]["malt"] == {"copies": 1, "refiner_answers": 2, "rate": 0.5}
     assert "| R copies G % |" in format_table(report) and "| 50.0 |" in format_table(report)
+
+
+def test_vote_is_on_canonical_answers():
+    # Issue 16 item 1: "17" and "17.0" were two answers, so 5 / 17 / 17.0 tied and "5" won.
+    gold17 = make_problem("gsm8k", "q17", "How many?", "17")
+    outcomes = [("5", False, "5", False, "5", False), ("17", True, "17", True, "17", True)]
+    outcomes.append(("17.0", True, "17.0", True, "17.0", True))
+    for tie_seed in range(20):
+        scored = score_question(gold17, chain_records(tree(outcomes)), tie_seed)
+        assert scored["generator_mv"] and scored["refiner_mv"]
+
+
+def test_vote_on_really_graded_reasoning_gym_chains():
+    problem = make_problem(
+        "reasoning_gym", "r17", "8 + 9 = ?", "17", meta={"task": "basic_arithmetic"}
+    )
+    texts = ["Final answer: 5", "Final answer: 17", "Final answer: 17.0"]
+    grades = grade_many([problem] * 3, texts)
+    outcomes = [(g.answer, g.correct) * 3 for g in grades]
+    scored = score_question(problem, chain_records(tree(outcomes)), tie_seed=1)
+    assert scored["generator_mv"] and scored["refiner_mv"]
+
+
+def test_chains_without_an_answer_do_not_vote_and_ties_follow_the_seed():
+    outcomes = [(None, False) * 3, (None, False) * 3, ("2", True) * 3, ("1", False) * 3]
+    results = {
+        score_question(GSM8K, chain_records(tree(outcomes)), seed)["generator_mv"]
+        for seed in range(40)
+    }
+    assert results == {True, False}  # a 1-1 tie: either class can win, by the seed
+    again = [
+        score_question(GSM8K, chain_records(tree(outcomes)), s)["generator_mv"] for s in range(40)
+    ]
+    assert again == [
+        score_question(GSM8K, chain_records(tree(outcomes)), s)["generator_mv"] for s in range(40)
+    ]
+    blank = score_question(GSM8K, chain_records(tree([(None, False) * 3] * 3)), 0)
+    assert blank["generator_mv"] is False and blank["refiner_mv"] is False
+
+
+def test_report_counts_extraction_fallbacks_per_system():
+    chains = chain_records(tree([("2", True, "2", True, "2", True)] * 3))
+    chains[0]["g"]["fallback"] = chains[2]["r"]["fallback"] = True
+    scored = score_question(GSM8K, chains, 0)
+    assert scored["extraction_fallbacks"] == 2
+    results = {system: {0: [scored, scored]} for system in ("base", "star", "malt")}
+    report = build_report(results, [0], {"untrained": []})
+    assert report["extraction_fallbacks"]["malt"] == {"fallbacks": 4, "outputs": 18}

@@ -3,8 +3,9 @@
 import pytest
 
 from malt_ops.config import DataConfig
-from malt_ops.data import load_splits
+from malt_ops.data import load_splits, make_problem
 from malt_ops.grading import (
+    answer_classes,
     extract_final_answer,
     grade_csqa,
     grade_gsm8k,
@@ -138,7 +139,87 @@ def test_reasoning_gym_numeric_answer_in_another_form():
     )
     problem = {**rg.train[0], "answer": "-84"}
     same, wrong, text = grade_many(
-        [problem] * 3, ["Final answer: -84.0", "Final answer: -83.0", "Final answer: -84 apples"]
+        [problem] * 3, ["Final answer: -84.0", "Final answer: -83.0", "Final answer: minus 84"]
     )
     assert same.correct and not wrong.correct
-    assert not text.correct  # not a plain number: left to the task's own scorer
+    assert not text.correct  # no number in it: left to the task's own scorer
+
+
+def test_gsm8k_takes_the_first_number_after_the_marker():
+    # Issue 16 item 2: the last number on the answer line was read ("9", "3").
+    assert grade_gsm8k("18", "9 + 9 = 18\nFinal answer: 18 (from 9 + 9)").correct
+    assert grade_gsm8k("18", "Final answer: 18 apples in 3 baskets").correct
+    assert grade_gsm8k("1700", "Final answer: $1,700 in total, i.e. 2 payments").correct
+    assert grade_gsm8k("-4.5", "Final answer: -4.5 degrees, down 3").correct
+    assert grade_gsm8k("0.75", "Final answer: 3/4 of the cake").correct
+    assert grade_gsm8k("18", "Final answer: 9 + 9 = 18 apples").correct  # the result of a sum
+    assert grade_gsm8k("18", "Final answer: \\boxed{18} (9 + 9)").correct
+    assert not grade_gsm8k("3", "Final answer: 18 apples in 3 baskets").correct
+    assert gsm8k_gold("#### $1,700") == "1700"
+
+
+def test_gsm8k_fallback_without_a_marker_is_kept_and_flagged():
+    marked = grade_gsm8k("18", "Final answer: 18")
+    phrase = grade_gsm8k("18", "So the answer is 18 apples.")
+    boxed = grade_gsm8k("18", "9 + 9 = \\boxed{18}")
+    assert marked.correct and not marked.fallback
+    assert phrase.correct and phrase.fallback
+    assert boxed.correct and boxed.fallback
+    assert not grade_gsm8k("18", "no answer at all").fallback  # nothing was extracted
+
+
+def _csqa_problem(gold: str, choices: list[str]) -> dict:
+    return make_problem("csqa", "q1", "Where do you keep money?", gold, choices)
+
+
+def test_csqa_answer_given_as_option_text():
+    # Issue 16 item 3: "Final answer: bank" with option B "bank" graded wrong.
+    choices = ["river", "bank", "Money Box", "wallet", "purse"]
+    problem = _csqa_problem("B", choices)
+    texts = ["Final answer: bank", "Final answer: **  BANK. **", "Final answer: \\boxed{bank}"]
+    grades = grade_many([problem] * len(texts), texts)
+    assert [(g.answer, g.correct) for g in grades] == [("B", True)] * len(texts)
+    money_box = grade_csqa("C", "Final answer: money   box", choices)
+    assert money_box.answer == "C" and money_box.correct
+    # No option matches, or several do: stays wrong.
+    assert not grade_csqa("B", "Final answer: piggy bank", choices).correct
+    twice = ["bank", "river", "Bank", "wallet", "purse"]
+    assert not grade_csqa("A", "Final answer: bank", twice).correct
+    assert grade_csqa("B", "Final answer: (B) bank", choices).correct  # a letter still counts
+
+
+def test_reasoning_gym_numeric_gold_reads_the_first_number():
+    rg = load_splits(
+        DataConfig(benchmark="reasoning_gym", task="basic_arithmetic", train_size=5, test_size=2)
+    )
+    problem = {**rg.train[0], "answer": "18"}
+    first, words, wrong = grade_many(
+        [problem] * 3,
+        ["Final answer: 18 (from 9 + 9)", "Final answer: 18 apples", "Final answer: 9 + 9"],
+    )
+    assert first.correct and words.correct and not wrong.correct
+
+
+def test_answer_classes_use_the_graders_equality():
+    gsm = make_problem("gsm8k", "g", "How many?", "17")
+    assert answer_classes(gsm, ["5", "17", "17.0", None, "$17"]) == [0, 1, 1, None, 1]
+    csqa = _csqa_problem("B", ["river", "bank", "money box"])
+    assert answer_classes(csqa, ["B", "bank", "(A) river", None, "nothing"]) == [
+        0,
+        0,
+        1,
+        None,
+        None,
+    ]
+    rg = make_problem("reasoning_gym", "r", "1+1?", "2", meta={"task": "basic_arithmetic"})
+    assert answer_classes(rg, ["2.0", "2 (1 + 1)", "3", "two", "two "]) == [0, 0, 1, 2, 2]
+    text_gold = make_problem("reasoning_gym", "w", "Sort", "a, b", meta={"task": "word_sorting"})
+    assert answer_classes(text_gold, ["a, b", "a,  b", "A, b"]) == [0, 0, 1]
+    math = make_problem("math", "m", "Half?", "\\frac{1}{2}")
+    assert answer_classes(math, ["0.5", "\\frac12", "1/3", None, "\\dfrac{1}{2}"]) == [
+        0,
+        0,
+        1,
+        None,
+        0,
+    ]

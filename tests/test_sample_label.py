@@ -67,6 +67,8 @@ def test_tree_shape_and_rewards(sampled_run):
     manifest = json.loads((run / "sample" / "MANIFEST-shard-0.json").read_text())
     assert manifest["summary"]["nodes"] == 28
     assert manifest["summary"]["generated_tokens"] > 0
+    fallbacks = sum(n["fallback"] for tree in trees for n in tree["nodes"])
+    assert manifest["summary"]["fallback_answer_outputs"] == fallbacks
 
 
 def test_datasets_match_labels(sampled_run):

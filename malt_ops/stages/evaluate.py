@@ -17,8 +17,8 @@ from typing import Any
 from malt_ops.backends import InferenceBackend, create_backend
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
-from malt_ops.grading import parse_number
-from malt_ops.metrics import majority_vote, mean_std
+from malt_ops.grading import answer_classes
+from malt_ops.metrics import majority_vote, mean_std, stable_seed
 from malt_ops.prompts import verdict
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
@@ -90,21 +90,28 @@ def verifier_correct(chain: dict[str, Any]) -> bool:
     return bool(chain["v"]["correct"])
 
 
-def same_answer(first: str | None, second: str | None) -> bool:
-    """Two extracted answers that say the same thing ('17' and '17.0' too)."""
+def same_answer(problem: dict[str, Any], first: str | None, second: str | None) -> bool:
+    """Two extracted answers that the grader counts as one ('17' and '17.0' too)."""
     if first is None or second is None:
         return False
-    a, b = parse_number(first), parse_number(second)
-    if a is not None and b is not None:
-        return abs(a - b) < 1e-9
-    return first.strip().casefold() == second.strip().casefold()
+    classes = answer_classes(problem, [first, second])
+    return classes[0] is not None and classes[0] == classes[1]
 
 
-def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips."""
+def score_question(
+    problem: dict[str, Any], chains: list[dict[str, Any]], tie_seed: int
+) -> dict[str, Any]:
+    """Per-question outcomes for SA/SA+MV/MA/MA+MV, turn-wise correctness and flips.
+
+    +MV votes on answer classes under the grader's equality (``grading.answer_classes``):
+    '17' and '17.0' are one answer; a chain without an answer does not vote. The winner's
+    correctness is its class's (the class's first chain's grade). A tie is broken by
+    ``tie_seed`` (``metrics.stable_seed(evaluation seed, question id)``), separately per turn.
+    """
 
     def voted(turn: str) -> bool:
-        winner = majority_vote([c[turn]["answer"] for c in chains])
+        classes = answer_classes(problem, [c[turn]["answer"] for c in chains])
+        winner = majority_vote(classes, seed=stable_seed(tie_seed, turn))
         return winner is not None and bool(chains[winner][turn]["correct"])
 
     tokens_first = sum(chains[0][t]["completion_tokens"] for t in "gvr")
@@ -122,8 +129,10 @@ def score_question(chains: list[dict[str, Any]]) -> dict[str, Any]:
         "right_to_wrong": sum(c["g"]["correct"] and not c["r"]["correct"] for c in chains),
         "chains": len(chains),
         # The copy rate's parts: refiner answers equal to their own chain's generator answer.
-        "copies": sum(same_answer(c["g"]["answer"], c["r"]["answer"]) for c in chains),
+        "copies": sum(same_answer(problem, c["g"]["answer"], c["r"]["answer"]) for c in chains),
         "refiner_answers": sum(c["r"]["answer"] is not None for c in chains),
+        # Outputs of all three turns whose answer was read without a 'Final answer:' marker.
+        "extraction_fallbacks": sum(bool(c[t].get("fallback")) for c in chains for t in "gvr"),
         "tokens": {
             "generator": chains[0]["g"]["completion_tokens"],
             "generator_mv": sum(c["g"]["completion_tokens"] for c in chains),
@@ -155,7 +164,12 @@ def run_system(
     trees = expand_trees([p for _, p in flat], backend, sampling, adapters, seed=ev.seeds[0])
     scored: dict[int, list[dict[str, Any]]] = {seed: [] for seed in problems_by_seed}
     for (seed, problem), tree in zip(flat, trees, strict=True):
-        scored[seed].append({"question_id": problem["id"], **score_question(chain_records(tree))})
+        scored[seed].append(
+            {
+                "question_id": problem["id"],
+                **score_question(problem, chain_records(tree), stable_seed(seed, problem["id"])),
+            }
+        )
     return scored
 
 
@@ -181,7 +195,7 @@ def build_report(
                 "tokens": sum(q["tokens"][key] for s in seeds for q in results[system][s]),
             }
         )
-    turnwise, flips = {}, {}
+    turnwise, flips, fallbacks = {}, {}, {}
     for system, by_seed in results.items():
         questions = [q for s in seeds for q in by_seed[s]]
         turnwise[system] = [
@@ -202,8 +216,18 @@ def build_report(
             "refiner_answers": answers,
             "rate": copy_rate(copies, answers),
         }
-    report = {"settings": settings, "turnwise": turnwise, "flips": flips, **notes}
-    return report | {"copying": copying}
+        fallbacks[system] = {
+            "fallbacks": sum(q.get("extraction_fallbacks", 0) for q in questions),
+            "outputs": 3 * sum(q["chains"] for q in questions),
+        }
+    return {
+        "settings": settings,
+        "turnwise": turnwise,
+        "flips": flips,
+        "extraction_fallbacks": fallbacks,
+        "copying": copying,
+        **notes,
+    }
 
 
 def copy_rate(copies: int, answers: int) -> float | None:
@@ -328,6 +352,10 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         f"copy_rate.{system}": copying["rate"]
         for system, copying in report["copying"].items()
         if copying["rate"] is not None
+    }
+    metrics |= {
+        f"extraction_fallbacks.{system}": counts["fallbacks"]
+        for system, counts in report["extraction_fallbacks"].items()
     }
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))

@@ -63,6 +63,7 @@ def _node(node_id: str, role: str, parent: str | None, completion, grade) -> dic
         "text": completion.text,
         "answer": grade.answer,
         "correct": grade.correct,
+        "fallback": grade.fallback,
         "finished": completion.finished,
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
@@ -138,6 +139,7 @@ def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
         "overlong_outputs": sum(len(n["text"] or "") > MAX_OUTPUT_CHARS for n in nodes),
         # The verifier is asked for a verdict, not an answer: only G and R must answer.
         "no_answer_outputs": sum(n["role"] != "verifier" and n["answer"] is None for n in nodes),
+        "fallback_answer_outputs": sum(bool(n.get("fallback")) for n in nodes),  # no marker
         "no_verdict_outputs": sum(
             n["role"] == "verifier" and verdict(n["text"]) is None for n in nodes
         ),
