@@ -254,3 +254,21 @@ def mlflow_server(s3_server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def penalised_model_dir(model_dir: Path, tmp_path_factory) -> Path:
+    """The test model with a generation_config.json that sets sampling defaults of its own.
+
+    The backends must ignore them: repetition_penalty 1.3 changes even greedy output.
+    """
+    import json
+
+    copy = tmp_path_factory.mktemp("penalised-model")
+    for file in model_dir.iterdir():
+        (copy / file.name).symlink_to(file)
+    (copy / "generation_config.json").unlink()
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config |= {"repetition_penalty": 1.3, "top_k": 5, "no_repeat_ngram_size": 3}
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    return copy
