@@ -60,8 +60,13 @@ class HFBackend(ModelBackend):
         # generate() fills every setting our config leaves None from the model's own
         # generation config (transformers' _prepare_generation_config), so the file's values
         # (repetition_penalty, suppress_tokens, ...) would leak in; replace it with the
-        # library's blank one, its end-of-turn ids kept above.
-        self.model.generation_config = GenerationConfig()
+        # library's blank one with only the special token ids (so a direct model.generate()
+        # still stops at the end of a turn).
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self._stop_ids),
+            pad_token_id=self._tokenizer.pad_token_id,
+            bos_token_id=self._tokenizer.bos_token_id,
+        )
 
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
