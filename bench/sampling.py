@@ -130,11 +130,13 @@ def problems_for(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 
 def timed_tree(backend, problems: list[dict], cfg, metrics=None) -> dict:
-    from malt_ops.stages.sample import expand_trees
+    from malt_ops.chains import expand_trees
 
     timer = LevelTimer(backend, metrics)
     start = time.perf_counter()
-    trees = expand_trees(problems, backend, cfg, dict.fromkeys(LEVELS), seed=0)
+    trees = expand_trees(
+        problems, backend, cfg, dict.fromkeys(LEVELS), [("sample", 0)] * len(problems)
+    )
     seconds = time.perf_counter() - start
     timer.restore()
     tokens = sum(n["completion_tokens"] for t in trees for n in t["nodes"])

@@ -324,3 +324,21 @@ def _set_of(registry: dict, alias: str) -> tuple[str, str, str]:
     }
     assert mirrors == found.role_versions, f"{alias} mirrors {mirrors} != {found.describe()}"
     return runs.pop(), found.version, found.tags.get(PREVIOUS_TAG, "")
+
+
+@pytest.fixture(scope="session")
+def penalised_model_dir(model_dir: Path, tmp_path_factory) -> Path:
+    """The test model with a generation_config.json that sets sampling defaults of its own.
+
+    The backends must ignore them: repetition_penalty 1.3 changes even greedy output.
+    """
+    import json
+
+    copy = tmp_path_factory.mktemp("penalised-model")
+    for file in model_dir.iterdir():
+        (copy / file.name).symlink_to(file)
+    (copy / "generation_config.json").unlink()
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config |= {"repetition_penalty": 1.3, "top_k": 5, "no_repeat_ngram_size": 3}
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    return copy

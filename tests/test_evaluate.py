@@ -1,5 +1,7 @@
 """Evaluation scoring: votes, turn-wise accuracy, flips and the ten-setting report."""
 
+import pytest
+
 from malt_ops.data import make_problem
 from malt_ops.grading import grade_many
 from malt_ops.metrics import mean_std
@@ -163,3 +165,34 @@ def test_report_counts_extraction_fallbacks_per_system():
     results = {system: {0: [scored, scored]} for system in ("base", "star", "malt")}
     report = build_report(results, [0], {"untrained": []})
     assert report["extraction_fallbacks"]["malt"] == {"fallbacks": 4, "outputs": 18}
+
+
+@pytest.mark.model
+def test_seed_results_do_not_depend_on_the_other_seeds(hf_backend):
+    """seeds: [0] reproduces seed 0 of a seeds: [0, 1] run, question by question."""
+    from malt_ops.config import ROLES, Recipe
+    from malt_ops.data import make_problem
+    from malt_ops.stages.evaluate import run_system
+
+    questions = [
+        make_problem("gsm8k", "q1", "Tom has 3 apples and buys 4 more. How many now?", "7"),
+        make_problem("gsm8k", "q2", "A box holds 12 pens. How many pens in 2 boxes?", "24"),
+        make_problem("gsm8k", "q3", "What is 9 + 10?", "19"),
+    ]
+    evaluation = {
+        "votes": 2,
+        "temperature": 1.0,
+        "max_new_tokens": dict.fromkeys(ROLES, 10),
+    }
+
+    def per_question(seeds: list[int], subsets: dict[int, list]) -> list[dict]:
+        recipe = Recipe.model_validate({"evaluation": {**evaluation, "seeds": seeds}})
+        return run_system(subsets, hf_backend, dict.fromkeys(ROLES), recipe, "base")[0]
+
+    # Seed 1 repeats question q1 (test subsets overlap across seeds) and adds another.
+    both = per_question([0, 1], {0: questions[:2], 1: [questions[0], questions[2]]})
+    alone = per_question([0], {0: questions[:2]})
+    assert [q["question_id"] for q in alone] == ["q1", "q2"]
+    assert both == alone
+    # The digest covers every chain's texts, so equal digests mean equal samples.
+    assert all(q["samples_sha256"] for q in alone)

@@ -98,3 +98,50 @@ def test_shared_prompt_cache_matches_prompt_copies(hf_backend):
     ]
     # One seed, the same RNG draws: the same samples, bar a float-rounding flip in a near tie.
     assert sum(a == b for a, b in pairs) >= 7, pairs
+
+
+def test_each_sample_depends_only_on_its_own_seed(hf_backend):
+    """A prompt's samples are the same alone, in a batch with others, at any batch size."""
+    from malt_ops.seeding import derive_seed
+
+    seeds = [derive_seed("test", i) for i in range(len(PROMPTS))]
+
+    def sample(indices: list[int]) -> list[list[str]]:
+        params = SamplingParams(
+            n=2,
+            temperature=1.0,
+            top_p=0.95,
+            max_new_tokens=8,
+            seeds=tuple(seeds[i] for i in indices),
+        )
+        return [
+            [c.text for c in cs]
+            for cs in hf_backend.generate([PROMPTS[i] for i in indices], params)
+        ]
+
+    batched = sample([0, 1, 2])
+    assert sample([1]) == [batched[1]]
+    assert sample([2, 0]) == [batched[2], batched[0]]
+    size = hf_backend.batch_size
+    try:
+        hf_backend.batch_size = 2  # one prompt per batch
+        assert sample([0, 1, 2]) == batched
+    finally:
+        hf_backend.batch_size = size
+    assert len({text for texts in batched for text in texts}) > 3  # the samples do differ
+
+
+@pytest.fixture(scope="module")
+def hf_penalised(penalised_model_dir):
+    from malt_ops.backends.hf import HFBackend
+
+    return HFBackend(penalised_model_dir, batch_size=16)
+
+
+def test_model_generation_config_is_ignored(hf_backend, hf_penalised):
+    """The model's generation_config.json (repetition_penalty 1.3, top_k 5) changes nothing."""
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
+    plain = [c[0].text for c in hf_backend.generate(PROMPTS, params)]
+    assert [c[0].text for c in hf_penalised.generate(PROMPTS, params)] == plain
+    sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    assert hf_penalised.generate(PROMPTS[:2], sampled) == hf_backend.generate(PROMPTS[:2], sampled)

@@ -419,8 +419,8 @@ class Crash(BaseException):
 
 
 class SeededBackend(InferenceBackend):
-    """Outputs that depend only on the prompt, the seed and the sample index, as a real
-    sampler's do; ``crash_after`` generate calls, it dies."""
+    """Outputs that depend only on the prompt, its request seed and the sample index, as a
+    real sampler's do; ``crash_after`` generate calls, it dies."""
 
     def __init__(self, crash_after: int | None = None) -> None:
         self.usage = Usage()
@@ -440,10 +440,10 @@ class SeededBackend(InferenceBackend):
             raise Crash
         self.calls += 1
         results = []
-        for prompt in prompts:
+        for prompt, seed in zip(prompts, params.prompt_seeds(len(prompts)), strict=True):
             row = []
             for k in range(params.n):
-                key = f"{params.seed}/{k}/{json.dumps(prompt)}".encode()
+                key = f"{seed}/{k}/{json.dumps(prompt)}".encode()
                 answer = int(hashlib.sha256(key).hexdigest(), 16) % 3
                 text = f"Verdict: correct\nFinal answer: {answer}"
                 row.append(Completion(text, 10, 5, True))

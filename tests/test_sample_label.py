@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from malt_ops.backends import Completion, InferenceBackend
+from malt_ops.chains import expand_trees
 from malt_ops.config import ROLES, SamplingConfig
 from malt_ops.prompts import verifier_messages
-from malt_ops.stages.sample import expand_trees
 from malt_ops.tree import assign_values
 from tests.conftest import run_cli
 
@@ -165,7 +165,11 @@ def test_every_role_sees_its_own_question_and_parents():
         for i in range(3)
     ]
     trees = expand_trees(
-        problems, EchoBackend(), SamplingConfig(n=2, m=2, l=1), dict.fromkeys(ROLES), seed=0
+        problems,
+        EchoBackend(),
+        SamplingConfig(n=2, m=2, l=1),
+        dict.fromkeys(ROLES),
+        [("sample", 0)] * len(problems),
     )
     for problem, tree in zip(problems, trees, strict=True):
         by_id = {n["id"]: n for n in tree["nodes"]}

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,11 @@ def worker(job_file: str, out_file: str) -> None:
     """The engine side, in .venv-vllm: one engine, every generation the tests need."""
     from malt_ops.backends import create_backend
     from malt_ops.backends.base import SamplingParams
+    from malt_ops.chains import expand_trees
     from malt_ops.config import ROLES, Recipe
     from malt_ops.data import make_problem
     from malt_ops.errors import MaltError
-    from malt_ops.stages.sample import expand_trees
+    from malt_ops.seeding import derive_seed
 
     job = json.loads(Path(job_file).read_text())
     recipe = Recipe.model_validate(
@@ -83,11 +85,28 @@ def worker(job_file: str, out_file: str) -> None:
     problems = [make_problem("gsm8k", *q) for q in QUESTIONS]
     base_policy = dict.fromkeys(ROLES)
     started = time.perf_counter()
-    out["trees"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed=0)
+    seed_0, seed_1 = [("sample", 0)] * len(problems), [("sample", 1)] * len(problems)
+    out["trees"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed_0)
     out["tree_seconds"] = time.perf_counter() - started
     out["tree_usage_tokens"] = backend.usage.completion_tokens
-    out["trees_again"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed=0)
-    out["trees_other_seed"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed=1)
+    out["trees_again"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed_0)
+    out["trees_other_seed"] = expand_trees(problems, backend, recipe.sampling, base_policy, seed_1)
+
+    # (1b) one question under two evaluation seeds, adjacent, n = 3 at temperature 1, then
+    # the first seed again at the end; then the second request alone. An open question, so
+    # that distinct seeds show as distinct texts.
+    out["twin_seeds"] = [derive_seed("evaluate", s, "q1", "", "generator") for s in (0, 1)]
+    twin = SamplingParams(n=3, temperature=1.0, max_new_tokens=TREE_TOKENS)
+    out["twins"] = [
+        [c.text for c in cs]
+        for cs in backend.generate(
+            [PROMPTS[1]] * 3, replace(twin, seeds=(*out["twin_seeds"], out["twin_seeds"][0]))
+        )
+    ]
+    out["twin_alone"] = [
+        c.text
+        for c in backend.generate([PROMPTS[1]], replace(twin, seeds=(out["twin_seeds"][1],)))[0]
+    ]
 
     # (2) greedy base-model tokens, compared with the hf backend by the tests.
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=GREEDY_TOKENS)
@@ -283,6 +302,33 @@ def test_greedy_agrees_with_hf_backend(engine, hf_backend):
         for ids, p in zip(hf_ids, hf_prompt_ids, strict=True)
     ]
     assert engine["greedy_base_texts"] == hf_texts
+
+
+@pytest.mark.vllm
+def test_identical_adjacent_prompts_get_unrelated_samples(engine):
+    """Regression: request j was seeded base + j and its children seed + k, so child k of one
+    request shared its seed (and text) with child k - 1 of the next."""
+    n = 3
+    child_seeds = [seed + k for seed in engine["twin_seeds"] for k in range(n)]
+    assert len(set(child_seeds)) == len(child_seeds)
+    first, second, first_again = engine["twins"]
+    texts = first + second
+    assert len(set(texts)) == len(texts), texts
+    # A request's samples follow from its seed alone: not from its position or neighbours.
+    assert first_again == first
+    assert engine["twin_alone"] == second
+
+
+@pytest.mark.vllm
+def test_greedy_ignores_model_generation_config(engine, penalised_model_dir):
+    """The hf backend on a model whose generation_config.json sets repetition_penalty 1.3
+    agrees with vLLM greedy, so neither takes sampling settings from the file."""
+    from malt_ops.backends.base import SamplingParams
+    from malt_ops.backends.hf import HFBackend
+
+    backend = HFBackend(penalised_model_dir)
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=GREEDY_TOKENS)
+    assert [c[0].text for c in backend.generate(PROMPTS, greedy)] == engine["greedy_base_texts"]
 
 
 @pytest.mark.vllm

@@ -9,6 +9,7 @@ from typing import Any
 
 from malt_ops.errors import MaltError
 from malt_ops.prompts import Messages
+from malt_ops.seeding import check_samples, derive_seed
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,19 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    """Used only without ``seeds``: prompt i then gets ``derive_seed(seed, i)``."""
+    seeds: tuple[int, ...] | None = None
+    """One request seed per prompt (``malt_ops.seeding.derive_seed``): sample k of prompt i
+    draws its randomness from (seeds[i], k) alone, whatever else is in the batch."""
+
+    def prompt_seeds(self, count: int) -> tuple[int, ...]:
+        """The request seed of each of ``count`` prompts."""
+        check_samples(self.n)
+        if self.seeds is None:
+            return tuple(derive_seed(self.seed, index) for index in range(count))
+        if len(self.seeds) != count:
+            raise MaltError(f"{len(self.seeds)} seeds for {count} prompts: give one per prompt")
+        return tuple(self.seeds)
 
 
 @dataclass(frozen=True)

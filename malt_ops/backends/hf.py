@@ -5,6 +5,12 @@ tokens and each is sampled ``n`` times, so with ``n > 1`` each prompt is encoded
 KV cache repeated for its ``n`` samples (``share_prompt_cache``) instead of letting
 ``generate(num_return_sequences=n)`` encode ``n`` copies. Prompts are batched longest first
 and left-padded, so each batch pads little.
+
+Sampling is reproducible per sample, not per batch: sample ``k`` of prompt ``i`` draws from its
+own ``torch.Generator`` seeded ``seeds[i] + k`` (Gumbel-max, ``RowSampler``), so it is the same
+whatever else is batched with it. generate() samples the whole batch from the one global RNG,
+which is why it runs in greedy mode over our own warpers and sampler. Every generation setting
+is ours (``generation_config``): the model's generation_config.json contributes none.
 """
 
 from __future__ import annotations
@@ -15,6 +21,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
 from malt_ops.errors import MaltError
@@ -44,6 +57,16 @@ class HFBackend(ModelBackend):
             self._tokenizer.eos_token_id
         }
         self._stop_ids.discard(None)
+        # generate() fills every setting our config leaves None from the model's own
+        # generation config (transformers' _prepare_generation_config), so the file's values
+        # (repetition_penalty, suppress_tokens, ...) would leak in; replace it with the
+        # library's blank one with only the special token ids (so a direct model.generate()
+        # still stops at the end of a turn).
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self._stop_ids),
+            pad_token_id=self._tokenizer.pad_token_id,
+            bos_token_id=self._tokenizer.bos_token_id,
+        )
 
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -84,28 +107,25 @@ class HFBackend(ModelBackend):
         results: list[list[Completion]] = [[] for _ in texts]
         started = time.perf_counter()
         bar = tqdm(total=len(texts) * params.n, desc=desc, unit="seq", leave=False)
+        seeds = params.prompt_seeds(len(texts))
         with self._adapter_context(adapter):
-            for batch_index, start in enumerate(range(0, len(order), per_batch)):
+            for start in range(0, len(order), per_batch):
                 chunk = order[start : start + per_batch]
                 batch = self._tokenizer.pad(
                     {"input_ids": [encoded[i] for i in chunk]},
                     return_tensors="pt",
                     padding_side="left",
                 )
-                torch.manual_seed(params.seed * 100_003 + batch_index)
-                sampling = params.temperature > 0
-                inputs, copies = dict(batch), params.n
                 if params.n > 1 and self.share_prompt_cache and batch["input_ids"].shape[1] > 1:
-                    inputs, copies = self._shared_prompt_cache(batch, params.n), 1
+                    inputs = self._shared_prompt_cache(batch, params.n)
+                else:  # n copies of each prompt (generate() repeats rows only when sampling)
+                    inputs = {k: v.repeat_interleave(params.n, dim=0) for k, v in batch.items()}
+                # Rows are prompt-major either way: row = prompt * n + k.
+                row_seeds = [seeds[i] + k for i in chunk for k in range(params.n)]
                 output = self.model.generate(
                     **inputs,
-                    do_sample=sampling,
-                    temperature=params.temperature if sampling else None,
-                    top_p=params.top_p if sampling else None,
-                    top_k=None,
-                    max_new_tokens=params.max_new_tokens,
-                    num_return_sequences=copies,
-                    pad_token_id=self._tokenizer.pad_token_id,
+                    generation_config=self.generation_config(params),
+                    logits_processor=sampling_processors(params, row_seeds),
                 )
                 new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
                 for row, tokens in enumerate(new_tokens):
@@ -115,6 +135,40 @@ class HFBackend(ModelBackend):
         bar.close()
         self._count_usage(results, adapter, time.perf_counter() - started)
         return results
+
+    def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """Every setting generate() reads, from ``params``; sampling itself is ``RowSampler``'s.
+
+        Greedy mode: the warpers and the sampler come as logits processors (see
+        ``sampling_processors``). Every other processor is given its neutral value rather than
+        None, since generate() would take a None from the model's config.
+        """
+        # The library's own neutral values (private, but it is the list generate() fills
+        # from), then ours on top.
+        neutral = GenerationConfig._get_default_generation_params()
+        return GenerationConfig(
+            **neutral
+            | dict(
+                # Left None, the lengths count as unset: no "both set" warning next to
+                # max_new_tokens (the model's own config, replaced in __init__, is blank).
+                max_length=None,
+                min_length=None,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                num_return_sequences=1,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                min_p=None,
+                typical_p=1.0,
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
+                eos_token_id=sorted(self._stop_ids),
+                pad_token_id=self._tokenizer.pad_token_id,
+                bos_token_id=self._tokenizer.bos_token_id,
+            )
+        )
 
     def _shared_prompt_cache(self, batch, n: int) -> dict:
         """generate() inputs for ``n`` samples per prompt, with each prompt encoded once.
@@ -154,3 +208,38 @@ class HFBackend(ModelBackend):
             completion_tokens=len(tokens) + int(finished),
             finished=finished,
         )
+
+
+class RowSampler(LogitsProcessor):
+    """Gumbel-max sampling with one generator per row: row r's token depends on its own draws.
+
+    argmax(logits - log E) with E ~ Exp(1) per token is a sample from softmax(logits), the
+    same trick vLLM's sampler uses; scores set to -inf by the warpers stay unsampled. The
+    result goes to generate()'s greedy argmax, which then picks exactly the sampled token.
+    transformers' sampling draws the whole batch from the global RNG, so a row's sample would
+    depend on the batch it lands in; that is why this is not the library's sampler.
+    """
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise MaltError(f"{scores.shape[0]} rows for {len(self.generators)} row seeds")
+        noise = torch.stack(
+            [
+                torch.empty(scores.shape[1], dtype=torch.float32).exponential_(generator=g)
+                for g in self.generators
+            ]
+        ).to(scores.device)
+        return scores.float() - noise.log()
+
+
+def sampling_processors(params: SamplingParams, row_seeds: list[int]) -> LogitsProcessorList:
+    """Temperature, top-p, then one sample per row from its seed; nothing for greedy."""
+    if params.temperature <= 0:
+        return LogitsProcessorList()
+    processors: list[LogitsProcessor] = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList([*processors, RowSampler(row_seeds)])

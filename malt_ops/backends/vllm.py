@@ -169,19 +169,25 @@ class VLLMBackend(ModelBackend):
             return [], []
         encoded = self.prompt_token_ids(prompts)
         sampling = params.temperature > 0
-        # One seed per request, derived from params.seed and the prompt's position (as the hf
-        # backend seeds per batch); the n samples of a request differ through vLLM's generator.
+        # The request's own seed; vLLM seeds its n children seed + 0 ... seed + n - 1, which
+        # request seeds leave room for (malt_ops.seeding). Every setting is given, so none
+        # comes from the model's generation_config.json (vLLM applies it only without params).
         engine_params = [
             EngineParams(
                 n=params.n,
                 temperature=params.temperature if sampling else 0.0,
                 top_p=params.top_p if sampling else 1.0,
+                top_k=0,
+                min_p=0.0,
+                repetition_penalty=1.0,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
                 max_tokens=params.max_new_tokens,
-                seed=(params.seed * 1_000_003 + index) % 2**63,
+                seed=seed,
                 stop_token_ids=sorted(self._stop_ids),
                 detokenize=False,
             )
-            for index in range(len(encoded))
+            for seed in params.prompt_seeds(len(encoded))
         ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in encoded],

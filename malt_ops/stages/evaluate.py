@@ -9,19 +9,21 @@ MA = the first chain's refiner answer, MA+MV = majority vote of the refiner answ
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from malt_ops.backends import InferenceBackend, create_backend
+from malt_ops.chains import expand_trees
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
 from malt_ops.grading import answer_classes
 from malt_ops.metrics import majority_vote, mean_std, stable_seed
 from malt_ops.prompts import verdict
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import log_stage, stage_artifacts
@@ -142,6 +144,12 @@ def score_question(
     }
 
 
+def samples_digest(tree: dict[str, Any]) -> str:
+    """A short hash of every sampled text of a tree: shows which runs drew the same samples."""
+    texts = json.dumps([[n["id"], n["text"]] for n in tree["nodes"]]).encode()
+    return hashlib.sha256(texts).hexdigest()[:16]
+
+
 def run_system(
     problems_by_seed: dict[int, list[dict]],
     backend: InferenceBackend,
@@ -149,7 +157,11 @@ def run_system(
     recipe: Recipe,
     desc: str,
 ) -> dict[int, list[dict[str, Any]]]:
-    """Chains for every (seed, question) in one batched expansion; scored per question."""
+    """Chains for every (seed, question) in one batched expansion; scored per question.
+
+    Every chain is seeded from (evaluation seed, question id, node path, role), so one seed's
+    results are the same whichever other seeds are evaluated with it.
+    """
     ev = recipe.evaluation
     sampling = SamplingConfig(
         n=ev.votes,
@@ -161,12 +173,15 @@ def run_system(
     )
     flat = [(seed, p) for seed, problems in problems_by_seed.items() for p in problems]
     log.info("evaluate %s: %d questions x %d chains", desc, len(flat), ev.votes)
-    trees = expand_trees([p for _, p in flat], backend, sampling, adapters, seed=ev.seeds[0])
+    trees = expand_trees(
+        [p for _, p in flat], backend, sampling, adapters, [(STAGE, seed) for seed, _ in flat]
+    )
     scored: dict[int, list[dict[str, Any]]] = {seed: [] for seed in problems_by_seed}
     for (seed, problem), tree in zip(flat, trees, strict=True):
         scored[seed].append(
             {
                 "question_id": problem["id"],
+                "samples_sha256": samples_digest(tree),
                 **score_question(problem, chain_records(tree), stable_seed(seed, problem["id"])),
             }
         )

@@ -7,9 +7,10 @@ Leaves are graded against the gold answer.
 Checkpoints: each batch's trees are written under ``sample/parts/shard-K/`` with a small
 marker written after them; the marker makes the part complete. A rerun of the shard reuses
 every complete part whose inputs are unchanged and samples only the rest, then assembles the
-trees file from the parts and commits the manifest. A batch's randomness comes from
-(sampling.seed, shard, batch index) alone, so an interrupted and resumed shard ends with the
-same trees as an uninterrupted one.
+trees file from the parts and commits the manifest. Each request's randomness comes from
+(sampling.seed, question id, node path, role) alone (``malt_ops.chains``), never from the
+shard or batch it falls in, so an interrupted and resumed shard ends with the same trees as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from malt_ops.backends import InferenceBackend, SamplingParams, create_backend
-from malt_ops.config import ROLES, Recipe, SamplingConfig
+from malt_ops.backends import InferenceBackend, create_backend
+from malt_ops.chains import expand_trees
+from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
-from malt_ops.grading import MAX_OUTPUT_CHARS, grade_many
+from malt_ops.grading import MAX_OUTPUT_CHARS
 from malt_ops.policy import policy_adapter_paths, run_policy
-from malt_ops.prompts import generator_messages, refiner_messages, verdict, verifier_messages
+from malt_ops.prompts import verdict
+from malt_ops.seeding import SEED_SCHEME
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import Store, dumps_jsonl, iter_jsonl
 from malt_ops.tracking import log_stage
@@ -55,82 +58,6 @@ def load_policy_adapters(
     return names
 
 
-def _node(node_id: str, role: str, parent: str | None, completion, grade) -> dict[str, Any]:
-    return {
-        "id": node_id,
-        "role": role,
-        "parent": parent,
-        "text": completion.text,
-        "answer": grade.answer,
-        "correct": grade.correct,
-        "fallback": grade.fallback,
-        "finished": completion.finished,
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-    }
-
-
-def expand_trees(
-    problems: list[dict[str, Any]],
-    backend: InferenceBackend,
-    sampling: SamplingConfig,
-    adapters: dict[str, str | None],
-    seed: int,
-) -> list[dict[str, Any]]:
-    """One tree per problem: n + n*m + n*m*l nodes, leaves carrying their reward."""
-
-    def params(role: str, n: int, level: int) -> SamplingParams:
-        return SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=getattr(sampling.max_new_tokens, role),
-            seed=seed * 10 + level,
-        )
-
-    trees = [{"problem": p, "nodes": []} for p in problems]
-
-    def grow(role: str, level: int, n: int, parents: list[tuple[int, dict | None, dict | None]]):
-        """parents: (tree index, generator node, verifier node); returns the new nodes' keys."""
-        prompts = []
-        for tree_index, gen, ver in parents:
-            problem = problems[tree_index]
-            if role == "generator":
-                prompts.append(generator_messages(problem))
-            elif role == "verifier":
-                prompts.append(verifier_messages(problem, gen["text"]))
-            else:
-                prompts.append(refiner_messages(problem, gen["text"], ver["text"]))
-        outputs = backend.generate(
-            prompts, params(role, n, level), adapter=adapters[role], desc=role
-        )
-        flat = [
-            (parent, k, c)
-            for parent, completions in zip(parents, outputs, strict=True)
-            for k, c in enumerate(completions)
-        ]
-        grades = grade_many([problems[p[0]] for p, _, _ in flat], [c.text for _, _, c in flat])
-        created = []
-        for ((tree_index, gen, ver), k, completion), grade in zip(flat, grades, strict=True):
-            parent = ver if role == "refiner" else gen
-            prefix = {"generator": "g", "verifier": "v", "refiner": "r"}[role]
-            node_id = f"{parent['id']}.{prefix}{k}" if parent else f"{prefix}{k}"
-            node = _node(node_id, role, parent["id"] if parent else None, completion, grade)
-            if role == "refiner":
-                node["reward"] = 1.0 if grade.correct else 0.0
-            trees[tree_index]["nodes"].append(node)
-            created.append((tree_index, node))
-        return created
-
-    gens = grow("generator", 0, sampling.n, [(i, None, None) for i in range(len(problems))])
-    vers = grow("verifier", 1, sampling.m, [(i, g, None) for i, g in gens])
-    # Node ids repeat from tree to tree (every tree has a g0): key parents by tree too, or a
-    # refiner would be shown another question's generator answer.
-    parent_gen = {(i, g["id"]): g for i, g in gens}
-    grow("refiner", 2, sampling.l, [(i, parent_gen[(i, v["parent"])], v) for i, v in vers])
-    return trees
-
-
 def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
     """Degenerate model outputs, counted (they stay in the trees; label never teaches them)."""
     return {
@@ -144,15 +71,6 @@ def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
             n["role"] == "verifier" and verdict(n["text"]) is None for n in nodes
         ),
     }
-
-
-def batch_seed(seed: int, shard: int, batch: int) -> int:
-    """The sampling seed of one checkpoint batch: (sampling.seed, shard, batch index) only.
-
-    Batch 0 of shard K keeps the seed the whole shard had before checkpoints
-    (``seed * 1000 + K``), so a shard that fits in one batch samples as it always did.
-    """
-    return (seed * 1000 + shard) * 100_000 + batch
 
 
 def _adapter_digest(path: str | None) -> str | None:
@@ -221,6 +139,7 @@ def run(
     size = recipe.sampling.checkpoint_every
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
     inputs = _inputs_digest(recipe, policy)
+    seed_base = (STAGE, recipe.sampling.seed)
     store, parts_prefix = out.store, out.key(f"parts/shard-{shard}")
     adapters: dict[str, str | None] | None = None
     parts: list[bytes] = []
@@ -228,8 +147,11 @@ def run(
     fresh_seconds = 0.0
     started = time.perf_counter()
     for index, batch in enumerate(batches):
-        seed = batch_seed(recipe.sampling.seed, shard, index)
-        fingerprint = hashlib.sha256(f"{inputs}/{seed}/".encode() + dumps_jsonl(batch)).hexdigest()
+        # The seed scheme is part of what a part was sampled from: parts sampled under
+        # another scheme are not reused.
+        fingerprint = hashlib.sha256(
+            f"{inputs}/{SEED_SCHEME}/".encode() + dumps_jsonl(batch)
+        ).hexdigest()
         data_key = f"{parts_prefix}/batch-{index:05d}.jsonl"
         marker_key = f"{parts_prefix}/batch-{index:05d}.done.json"
         data = _complete_part(store, data_key, marker_key, fingerprint)
@@ -240,7 +162,9 @@ def run(
                 backend = backend or create_backend(recipe)
                 adapters = load_policy_adapters(backend, policy)
             before = (backend.usage.completion_tokens, backend.usage.seconds)
-            data = dumps_jsonl(expand_trees(batch, backend, recipe.sampling, adapters, seed=seed))
+            data = dumps_jsonl(
+                expand_trees(batch, backend, recipe.sampling, adapters, [seed_base] * len(batch))
+            )
             fresh_tokens += backend.usage.completion_tokens - before[0]
             fresh_seconds += backend.usage.seconds - before[1]
             store.write_bytes(data_key, data)
