@@ -44,8 +44,12 @@ def expand_trees(
     sampling: SamplingConfig,
     adapters: dict[str, str | None],
     seed_bases: Sequence[SeedBase],
+    generator_only: bool = False,
 ) -> list[dict[str, Any]]:
     """One tree per problem: n + n*m + n*m*l nodes, leaves carrying their reward.
+
+    ``generator_only``: stop after the n generator samples (the STaR baseline's own samples);
+    they are seeded exactly as the generator level of a full tree.
 
     ``seed_bases``: one per problem; the sample stage passes ("sample", sampling.seed) for
     all, evaluate ("evaluate", evaluation seed) per problem.
@@ -95,6 +99,8 @@ def expand_trees(
         return created
 
     gens = grow("generator", sampling.n, [(i, None, None) for i in range(len(problems))])
+    if generator_only:
+        return trees
     vers = grow("verifier", sampling.m, [(i, g, None) for i, g in gens])
     # Node ids repeat from tree to tree (every tree has a g0): key parents by tree too, or a
     # refiner would be shown another question's generator answer.

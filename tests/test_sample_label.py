@@ -308,3 +308,72 @@ def test_label_without_a_tokenizer_skips_the_budget_and_counts_it(recipe_file, m
     }
     assert rows > 0
     assert any("token budget not checked" in r.getMessage() for r in caplog.records)
+
+
+def test_star_trains_on_the_base_generators_own_samples(
+    recipe_file, hf_backend, model_dir, tmp_path
+):
+    """Issue 16 item 6: from cycle 2 the trees' generator is the champion's, so STaR rows taken
+    from the trees were the champion's outputs. STaR's samples come from the base generator,
+    whatever the policy, and a later cycle over the same questions reuses them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from malt_ops.config import load_recipe
+    from malt_ops.models import load_model
+    from malt_ops.stages import label, prepare, sample
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model(model_dir),
+        LoraConfig(
+            r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+        ),
+    )
+    model.save_pretrained(tmp_path / "policy-generator")
+    path = recipe_file(
+        data={"train_size": 2, "test_size": 1},
+        sampling={
+            "n": 2,
+            "m": 1,
+            "l": 1,
+            "temperature": 0.8,
+            "policy": "adapters",
+            "adapters": {"generator": str(tmp_path / "policy-generator")},
+            "max_new_tokens": {"generator": 12, "verifier": 8, "refiner": 8},
+        },
+        tracking={"enabled": False},
+    )
+    recipe = load_recipe(path)
+    prepare.run(recipe, "c2")
+    summary = sample.run(recipe, "c2", backend=hf_backend)
+    assert summary["star_source"] == "sampled"
+    shard = tmp_path / "store" / "runs" / "c2" / "sample"
+    trees = read_jsonl(shard / "trees" / "shard-0.jsonl")
+    star = read_jsonl(shard / "star" / "shard-0.jsonl")
+    problems = [t["problem"] for t in trees]
+    base = expand_trees(
+        problems,
+        hf_backend,
+        recipe.sampling,
+        dict.fromkeys(ROLES),
+        [("sample", recipe.sampling.seed)] * len(problems),
+        generator_only=True,
+    )
+
+    def texts(rows):
+        return [[n["text"] for n in t["nodes"] if n["role"] == "generator"] for t in rows]
+
+    assert texts(star) == texts(base)  # the base generator's own samples
+    assert texts(star) != texts(trees)  # not the policy generator's
+    # Label's STaR rows are the right ones among them, never a tree's generator node.
+    for tree in star:
+        for node in tree["nodes"]:
+            node["correct"] = node["finished"] = True
+    (shard / "star" / "shard-0.jsonl").write_text("".join(json.dumps(t) + "\n" for t in star))
+    datasets, _ = label.label_trees(trees, recipe.labeling, star)
+    star_texts = sorted(row["messages"][-1]["content"] for row in datasets["star_sft"])
+    assert star_texts == sorted(n["text"] for t in star for n in t["nodes"])
+    # The next cycle over the same questions: the STaR samples come from the cache.
+    prepare.run(recipe, "c3")
+    assert sample.run(recipe, "c3", backend=hf_backend)["star_source"] == "cache"

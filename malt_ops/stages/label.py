@@ -85,10 +85,49 @@ def _check_tree(tree: Any) -> str | None:
     return None
 
 
+def _usable(node: dict[str, Any]) -> bool:
+    """A finished, non-empty output of sane length: the only kind ever taught as good."""
+    text = node.get("text") or ""
+    return bool(node.get("finished", True) and text.strip() and len(text) <= MAX_OUTPUT_CHARS)
+
+
+def _has_ancestor_in(node: dict[str, Any], by_id: dict[str, dict], ids: set[str]) -> bool:
+    parent = node.get("parent")
+    while parent is not None:
+        if parent in ids:
+            return True
+        parent = by_id[parent].get("parent")
+    return False
+
+
+def _star_rows(problem: dict[str, Any], nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """STaR rows: the base generator's own samples whose answer is right."""
+    return [
+        {
+            "messages": [
+                *generator_messages(problem),
+                {"role": "assistant", "content": node["text"]},
+            ],
+            "question_id": problem["id"],
+            "node_id": node["id"],
+            "value": 1.0,
+        }
+        for node in nodes
+        if node["role"] == "generator" and node.get("correct") and _usable(node)
+    ]
+
+
 def label_trees(
-    trees: list[dict[str, Any]], cfg: LabelingConfig
+    trees: list[dict[str, Any]],
+    cfg: LabelingConfig,
+    star_trees: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, list], dict[str, Any]]:
-    """Datasets ``{role}_sft`` / ``{role}_dpo`` and the label statistics."""
+    """Datasets ``{role}_sft`` / ``{role}_dpo`` and the label statistics.
+
+    ``star_trees``: the base generator's own samples per question (sample's ``star/``
+    files), which the STaR baseline trains on. None: the trees' generator nodes (right only
+    when the trees were sampled with the base generator).
+    """
     datasets: dict[str, list] = {f"{role}_{kind}": [] for role in ROLES for kind in ("sft", "dpo")}
     # STaR baseline: generator outputs whose own answer is right, regardless of the chain.
     datasets["star_sft"] = []
@@ -108,29 +147,16 @@ def label_trees(
             histograms[node["role"]][bucket] += 1
         # A truncated, empty or runaway output is never taught as good, though it may be the
         # rejected side.
-        usable = {
-            n["id"]
-            for n in nodes
-            if n.get("finished", True)
-            and (n.get("text") or "").strip()
-            and len(n.get("text") or "") <= MAX_OUTPUT_CHARS
-        }
+        # A node under a runaway parent saw that parent's text in its prompt: its rows would
+        # be cut to max_length (or refused by the token budget), so it is not taught either.
+        runaway = {n["id"] for n in nodes if len(n.get("text") or "") > MAX_OUTPUT_CHARS}
+        under_runaway = {n["id"] for n in nodes if _has_ancestor_in(n, by_id, runaway)}
+        usable = {n["id"] for n in nodes if _usable(n) and n["id"] not in under_runaway}
         if not any(label.positive for label in labels.values()):
             no_positive += 1
+        if star_trees is None:
+            datasets["star_sft"].extend(_star_rows(problem, nodes))
         for node in nodes:
-            if node["role"] == "generator" and node.get("correct") and node["id"] in usable:
-                datasets["star_sft"].append(
-                    {
-                        "messages": [
-                            *generator_messages(problem),
-                            {"role": "assistant", "content": node["text"]},
-                        ],
-                        "question_id": problem["id"],
-                        "node_id": node["id"],
-                        "value": 1.0,
-                    }
-                )
-                per_role["star"]["positives"] += 1
             label = labels[node["id"]]
             stats = per_role[node["role"]]
             stats["nodes"] += 1
@@ -165,6 +191,12 @@ def label_trees(
                     }
                 )
                 per_role[role]["pairs"] += 1
+    for star_tree in star_trees or []:
+        if reason := _check_tree(star_tree):
+            skipped[f"STaR samples: {reason}"] += 1
+            continue
+        datasets["star_sft"].extend(_star_rows(star_tree["problem"], star_tree["nodes"]))
+    per_role["star"]["positives"] = len(datasets["star_sft"])
     stats = {
         "pooling": cfg.pooling,
         "threshold": cfg.threshold,
@@ -220,7 +252,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     if (done := already_done(out)) is not None:
         return done
     num_shards = recipe.sampling.num_shards
-    trees = []
+    trees, star_trees = [], []
     for shard in range(num_shards):
         sampled = stage_output(recipe, run_id, "sample", unit=f"shard-{shard}")
         if not sampled.done():
@@ -229,7 +261,27 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
                 f"run `malt-ops sample --shard {shard} --num-shards {num_shards}` first"
             )
         trees.extend(iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl")))
-    datasets, stats = label_trees(trees, recipe.labeling)
+        manifest = sampled.manifest()
+        if f"star/shard-{shard}.jsonl" in manifest["files"]:
+            star_trees.extend(iter_jsonl(out.store, sampled.key(f"star/shard-{shard}.jsonl")))
+        elif (manifest["summary"].get("policy") or {}).get("generator") is None:
+            # A shard without STaR samples (an older malt-ops) sampled with the base
+            # generator: its trees' generator nodes are exactly those samples.
+            star_trees.extend(
+                {
+                    "problem": t["problem"],
+                    "nodes": [n for n in t["nodes"] if n.get("role") == "generator"],
+                }
+                for t in iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl"))
+                if _check_tree(t) is None  # a malformed tree is skipped (and counted) once
+            )
+        else:
+            raise MaltError(
+                f"sample shard {shard} of run '{run_id}' was sampled with a trained generator "
+                "and holds no base-generator samples for STaR (an older malt-ops): rerun "
+                "sample under a new --run-id"
+            )
+    datasets, stats = label_trees(trees, recipe.labeling, star_trees)
     stats["token_budget"] = check_token_budget(recipe, datasets)
     for name, rows in datasets.items():
         out.write_jsonl(f"datasets/{name}.jsonl", rows)

@@ -27,10 +27,10 @@ from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS
 from malt_ops.policy import policy_adapter_paths, run_policy
-from malt_ops.prompts import verdict
+from malt_ops.prompts import generator_messages, verdict
 from malt_ops.seeding import SEED_SCHEME
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.storage import Store, dumps_jsonl, iter_jsonl
+from malt_ops.storage import Store, dumps_jsonl, iter_jsonl, open_store
 from malt_ops.tracking import log_stage
 
 STAGE = "sample"
@@ -56,6 +56,67 @@ def load_policy_adapters(
             backend.add_adapter(name, path)
         names[role] = name
     return names
+
+
+STAR_CACHE = "cache/star-samples"
+"""Under storage.root: the base generator's own samples per shard, keyed by what made them."""
+
+
+def _star_cache_key(recipe: Recipe, problems: list[dict[str, Any]]) -> str:
+    """Everything the base generator's samples of these questions depend on."""
+    sampling = recipe.sampling
+    blob = {
+        "model": recipe.model.model_dump(mode="json"),
+        "backend": recipe.inference.backend,
+        "dtype": recipe.model.dtype,
+        "n": sampling.n,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens.generator,
+        "seed": sampling.seed,
+        "seed_scheme": SEED_SCHEME,
+        "prompts": [generator_messages(p) for p in problems],
+        "problems": problems,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def star_samples(
+    recipe: Recipe,
+    problems: list[dict[str, Any]],
+    trees: list[dict[str, Any]],
+    policy: dict[str, str | None],
+    backend_factory,
+) -> tuple[bytes, str]:
+    """The STaR baseline's training samples of this shard: the BASE generator's own n samples
+    per question, whatever the sampling policy (issue 16 item 6: from cycle 2 the trees'
+    generator is the champion's, and STaR trained on them would no longer be STaR).
+
+    With the base generator as the policy's generator the trees already hold exactly these
+    samples (same prompts, same request seeds). Otherwise they are sampled here, with the
+    base model, and cached in the store under a key of everything they depend on, so the
+    cycles of a retraining schedule over the same training questions sample them once.
+    Returns the JSONL bytes and where they came from ("trees", "cache" or "sampled").
+    """
+    store = open_store(recipe.storage.root)
+    key = f"{STAR_CACHE}/{_star_cache_key(recipe, problems)}.jsonl"
+    if policy["generator"] is None:
+        star = [
+            {"problem": t["problem"], "nodes": [n for n in t["nodes"] if n["role"] == "generator"]}
+            for t in trees
+        ]
+        data, source = dumps_jsonl(star), "trees"
+    elif store.exists(key):
+        return store.read_bytes(key), "cache"
+    else:
+        backend = backend_factory()
+        seeds = [("sample", recipe.sampling.seed)] * len(problems)
+        base = dict.fromkeys(ROLES)
+        star = expand_trees(problems, backend, recipe.sampling, base, seeds, generator_only=True)
+        data, source = dumps_jsonl(star), "sampled"
+    if not store.exists(key):
+        store.write_bytes(key, data)  # a whole file or nothing (the store writes atomically)
+    return data, source
 
 
 def output_counts(nodes: list[dict[str, Any]]) -> dict[str, int]:
@@ -206,7 +267,11 @@ def run(
         "policy": policy,
         "policy_system_version": recorded.get("system_version"),
     }
+    star, summary["star_source"] = star_samples(
+        recipe, problems, trees, policy, lambda: backend or create_backend(recipe)
+    )
     out.write_bytes(f"trees/shard-{shard}.jsonl", b"".join(parts))
+    out.write_bytes(f"star/shard-{shard}.jsonl", star)
     out.commit(summary)
     try:  # the parts are in the committed trees file now
         store.delete_prefix(parts_prefix)
