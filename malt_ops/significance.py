@@ -30,6 +30,9 @@ class PairedResult:
     """Questions among them that appear under more than one seed."""
     items: int
     """(seed, question) pairs both systems answered."""
+    wins: int
+    """Questions on which the challenger's mean correctness is higher."""
+    losses: int
     challenger_accuracy: float
     """Mean over questions of the challenger's per-question accuracy."""
     reference_accuracy: float
@@ -57,7 +60,7 @@ def paired_by_question(
         right_r[question] += r
         seen[question] += 1
     if not seen:
-        return PairedResult(0, 0, 0, 0.0, 0.0, 0.0, 1.0)
+        return PairedResult(0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 1.0)
     questions = sorted(seen, key=str)
     counts = [seen[q] for q in questions]
     # d_q = wins_q / seen_q; in units of 1/lcm(seen) every d_q is an integer, so the exact
@@ -69,6 +72,8 @@ def paired_by_question(
         questions=n,
         repeated_questions=sum(c > 1 for c in counts),
         items=sum(counts),
+        wins=sum(s > 0 for s in steps),
+        losses=sum(s < 0 for s in steps),
         challenger_accuracy=sum(right_c[q] / seen[q] for q in questions) / n,
         reference_accuracy=sum(right_r[q] / seen[q] for q in questions) / n,
         effect=sum(steps) / unit / n,
