@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any
 
-from malt_ops.config import ROLES, Recipe
+from malt_ops.config import ROLES, PromotionConfig, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.registry import CHAMPION, alias_versions, promote_set, rollback_set
 from malt_ops.significance import paired_by_question
@@ -61,6 +61,11 @@ def _champion_per_question(
     return {(seed, q["question_id"]): bool(q[key]) for seed, rows in scored.items() for q in rows}
 
 
+def passes(effect: float, p_value: float, cfg: PromotionConfig) -> bool:
+    """The gate: a gain above min_effect that is significant (unless significance is waived)."""
+    return effect > cfg.min_effect and (p_value < cfg.alpha or not cfg.require_significance)
+
+
 def decide(
     challenger: dict[tuple[int, str], bool], reference: dict[tuple[int, str], bool], recipe: Recipe
 ) -> dict[str, Any]:
@@ -74,8 +79,7 @@ def decide(
         raise MaltError("challenger and reference share no evaluated questions: rerun evaluate")
     cfg = recipe.promotion
     gain, p_value = result.effect, result.p_value
-    significant = p_value < cfg.alpha
-    promote = gain > cfg.min_effect and (significant or not cfg.require_significance)
+    promote = passes(gain, p_value, cfg)
     sample = f"{result.questions} questions"
     if result.repeated_questions:
         sample += f", {result.repeated_questions} of them under several seeds"
