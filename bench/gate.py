@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 from malt_ops.config import PromotionConfig, load_recipe
 from malt_ops.data import load_splits
@@ -121,6 +122,16 @@ def promotion_rate(
     return rate, math.sqrt(max(rate, gate.alpha) * (1 - max(rate, gate.alpha)) / trials)
 
 
+def item_level_rate(where: Layout, gate: PromotionConfig, trials: int, seed: int) -> float:
+    """For comparison: the gate before issue 16, an exact McNemar test on the (seed, question)
+    items as if independent, on systems right on different questions."""
+    challenger, reference = draw(where, trials, 0.0, np.random.default_rng(seed), shared=False)
+    wins = (challenger & ~reference).sum(axis=1)
+    losses = (reference & ~challenger).sum(axis=1)
+    p_values = binom.sf(wins - 1, wins + losses, 0.5)
+    return float(((wins > losses) & (p_values < gate.alpha)).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2000)
@@ -137,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         null, null_se = promotion_rate(where, gate, 0.0, args.trials, seed=i)
         power, power_se = promotion_rate(where, gate, GAIN, args.trials, seed=1000 + i)
         apart, apart_se = promotion_rate(where, gate, 0.0, args.trials, 2000 + i, shared=False)
+        items = item_level_rate(where, gate, args.trials, 2000 + i)
         out.append(
             [
                 where.name,
@@ -146,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 gate.alpha,
                 f"{null:.4f} ± {null_se:.4f}",
                 f"{apart:.4f} ± {apart_se:.4f}",
+                f"{items:.4f}",
                 f"{power:.3f} ± {power_se:.3f}",
             ]
         )
@@ -163,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "alpha",
         "false promotions (equal accuracy)",
         "false promotions (right on different questions)",
+        "same, item-level McNemar (old gate)",
         f"power at +{GAIN * 100:.0f} points",
     ]
     print(table(headers, out))

@@ -40,7 +40,7 @@ def test_equal_systems_are_rarely_promoted(name):
 def test_systems_good_at_different_questions_are_rarely_promoted():
     """Equal accuracy on average, but each system right on different questions: on the
     cluster layout (660 questions drawn ~3 times each) items of one question are correlated.
-    The old item-level McNemar rule promoted 10.7% of these pairs (seed 1); the bound is 6.5%."""
+    The old item-level McNemar promotes about 10% of such pairs (bench/gate.py); the bound is 6.5%."""
     where, cfg = gate.recipe_layout("cluster")
     assert where.questions < len(where.items)  # questions repeat across seeds
     rate, _ = gate.promotion_rate(where, cfg, 0.0, TRIALS, seed=1, shared=False)
