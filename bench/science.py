@@ -277,6 +277,13 @@ def format_body(
         for s in report["settings"]
     ]
     lines += [table(["setting", "accuracy % (mean ± std)", "per seed", "tokens"], rows), ""]
+    repeats = report.get("question_repeats")
+    if repeats and repeats["max_repeats"] > 1:
+        lines += [
+            f"Questions repeat across seeds: {repeats['distinct_questions']} distinct questions "
+            f"in {repeats['items']} items (up to {repeats['max_repeats']} times each).",
+            "",
+        ]
     gain = summary["relative_gain_vs_sa"]
     lines.append(f"MALT vs SA: {gain * 100:+.1f}% relative (target ≥ +{TARGET_GAIN * 100:.0f}%).")
     lines.append("")
