@@ -369,7 +369,8 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     subset_size: int = Field(default=100, gt=0)
-    """Test questions drawn at random per seed."""
+    """Test questions per seed; disjoint across seeds when the pool holds seeds x subset_size
+    (the rule: malt_ops.stages.evaluate.subset_positions)."""
     votes: int = Field(default=3, ge=1)
     """Independent chains per question for majority voting (MV@3)."""
     temperature: float = Field(default=0.3, ge=0)
@@ -410,13 +411,30 @@ class PromotionConfig(_Section):
     """The Table 1 setting on which challenger and champion are compared."""
     baseline_setting: str = "MA+MV"
     """With no champion yet, the challenger must beat this setting of the untrained base model."""
-    test: Literal["mcnemar", "bootstrap"] = "mcnemar"
+    test: Literal["sign_flip"] = "sign_flip"
+    """Exact one-sided sign-flip permutation test on per-question differences (seeds averaged)."""
     alpha: float = Field(default=0.05, gt=0, le=1)
     min_effect: float = Field(default=0.0, ge=-1, le=1)
     """Promote only when challenger accuracy minus reference accuracy exceeds this."""
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
-    bootstrap_samples: int = Field(default=10_000, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_options(cls, data: Any) -> Any:
+        # Recipes written for the item-level tests would otherwise fail with a bare
+        # "unknown key" or "literal" message that does not say what replaced them.
+        if isinstance(data, dict):
+            if data.get("test") in ("mcnemar", "bootstrap"):
+                raise ValueError(
+                    f"test '{data['test']}' was removed (it treated seeds x questions as "
+                    "independent): set promotion.test: sign_flip"
+                )
+            if "bootstrap_samples" in data:
+                raise ValueError(
+                    "bootstrap_samples was removed (the sign_flip test is exact): delete the key"
+                )
+        return data
 
 
 class StageImages(_Section):

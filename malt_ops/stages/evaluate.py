@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -282,17 +283,61 @@ def format_table(report: dict[str, Any]) -> str:
             "",
             f"Untrained (no data to learn from; base model used): {', '.join(report['untrained'])}.",
         ]
+    if repeats := report.get("question_repeats"):
+        if repeats["max_repeats"] > 1:
+            lines += [
+                "",
+                f"Questions repeat across seeds: {repeats['distinct_questions']} distinct questions "
+                f"in {repeats['items']} (seed, question) items, each drawn up to "
+                f"{repeats['max_repeats']} times (the test pool is smaller than seeds x "
+                "subset_size); the paired tests count each question once.",
+            ]
+        else:
+            lines += ["", f"Each seed drew a disjoint subset ({repeats['items']} questions)."]
     return "\n".join(lines) + "\n"
 
 
+SUBSET_ORDER_SEED = "malt-ops evaluation subsets"
+"""Seeds the one shuffle of the test pool that every evaluation seed's subset is cut from."""
+
+
+def subset_positions(pool: int, size: int, seed: int) -> list[int]:
+    """Positions (in the pool sorted by question id) of evaluation seed ``seed``'s subset.
+
+    The pool is shuffled once, by a fixed seed; seed s takes the ``size`` questions starting
+    at position s x size of that order, wrapping around at its end. So seeds 0, 1, ... k-1
+    draw disjoint subsets whenever the pool holds k x size questions; with a smaller pool
+    each question is drawn floor or ceil(k x size / pool) times; and a seed's subset depends
+    only on the pool, the size and the seed itself, never on which other seeds are run.
+    """
+    order = list(range(pool))
+    random.Random(SUBSET_ORDER_SEED).shuffle(order)
+    start = seed * size
+    return [order[(start + j) % pool] for j in range(min(size, pool))]
+
+
 def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]:
-    """The random test subset of each evaluation seed (the same for every system compared)."""
+    """The test subset of each evaluation seed (the same for every system compared)."""
     prepared = require_done(recipe, run_id, "prepare")
     test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")
-    size = min(recipe.evaluation.subset_size, len(test))
-    return {seed: random.Random(seed).sample(test, size) for seed in recipe.evaluation.seeds}
+    test.sort(key=lambda q: str(q["id"]))  # the draw depends on the questions, not file order
+    size = recipe.evaluation.subset_size
+    return {
+        seed: [test[i] for i in subset_positions(len(test), size, seed)]
+        for seed in recipe.evaluation.seeds
+    }
+
+
+def question_repeats(problems_by_seed: dict[int, list[dict[str, Any]]]) -> dict[str, int]:
+    """How often questions recur across the seeds' subsets (max_repeats 1: all disjoint)."""
+    drawn = Counter(q["id"] for questions in problems_by_seed.values() for q in questions)
+    return {
+        "distinct_questions": len(drawn),
+        "items": sum(drawn.values()),
+        "max_repeats": max(drawn.values(), default=0),
+    }
 
 
 def setting_key(setting: str) -> tuple[str, str]:
@@ -323,6 +368,7 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         results[system] = computed[signature]
     report = build_report(results, list(ev.seeds), notes)
     report["questions_per_seed"] = size
+    report["question_repeats"] = question_repeats(problems_by_seed)
     report["benchmark"] = recipe.data.benchmark
     table = format_table(report)
     out.write_json("report.json", report)

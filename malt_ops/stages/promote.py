@@ -10,10 +10,10 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any
 
-from malt_ops.config import Recipe
+from malt_ops.config import PromotionConfig, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.registry import CHAMPION, promote_set, registry_lock, resolve_set, rollback_set
-from malt_ops.significance import effect, mcnemar_exact, paired_bootstrap
+from malt_ops.significance import paired_by_question
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
@@ -29,8 +29,18 @@ def _per_question(
     recipe: Recipe, run_id: str, system: str, key: str
 ) -> dict[tuple[int, str], bool]:
     evaluated = stage_output(recipe, run_id, "evaluate")
-    rows = iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl"))
-    return {(r["seed"], r["question_id"]): bool(r[key]) for r in rows if r["system"] == system}
+    outcomes: dict[tuple[int, str], bool] = {}
+    for r in iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")):
+        if r["system"] != system:
+            continue
+        item = (r["seed"], r["question_id"])
+        if item in outcomes:  # a silent overwrite would drop one of the two outcomes
+            raise MaltError(
+                f"evaluate/per_question.jsonl lists {system} seed {item[0]} question {item[1]} "
+                "twice: rerun evaluate"
+            )
+        outcomes[item] = bool(r[key])
+    return outcomes
 
 
 def _champion_per_question(
@@ -51,36 +61,45 @@ def _champion_per_question(
     return {(seed, q["question_id"]): bool(q[key]) for seed, rows in scored.items() for q in rows}
 
 
-def decide(challenger: dict, reference: dict, recipe: Recipe) -> dict[str, Any]:
-    pairs = sorted(set(challenger) & set(reference))
-    if not pairs:
+def passes(effect: float, p_value: float, cfg: PromotionConfig) -> bool:
+    """The gate: a gain above min_effect that is significant (unless significance is waived)."""
+    return effect > cfg.min_effect and (p_value < cfg.alpha or not cfg.require_significance)
+
+
+def decide(
+    challenger: dict[tuple[int, str], bool], reference: dict[tuple[int, str], bool], recipe: Recipe
+) -> dict[str, Any]:
+    """The promotion decision from (seed, question id) -> correct of both systems.
+
+    Items are paired by (seed, question id); the question is the test's unit (see
+    malt_ops.significance), so a question drawn under several seeds counts once.
+    """
+    result = paired_by_question(challenger, reference)
+    if not result.questions:
         raise MaltError("challenger and reference share no evaluated questions: rerun evaluate")
-    a = [challenger[k] for k in pairs]
-    b = [reference[k] for k in pairs]
     cfg = recipe.promotion
-    p_value = (
-        mcnemar_exact(a, b)
-        if cfg.test == "mcnemar"
-        else paired_bootstrap(a, b, cfg.bootstrap_samples, seed=recipe.training.seed)
-    )
-    gain = effect(a, b)
-    significant = p_value < cfg.alpha
-    promote = gain > cfg.min_effect and (significant or not cfg.require_significance)
+    gain, p_value = result.effect, result.p_value
+    promote = passes(gain, p_value, cfg)
+    sample = f"{result.questions} questions"
+    if result.repeated_questions:
+        sample += f", {result.repeated_questions} of them under several seeds"
     if promote:
-        why = f"challenger wins by {gain * 100:+.1f} points (p={p_value:.3g}, {cfg.test})"
+        why = f"challenger wins by {gain * 100:+.1f} points (p={p_value:.3g}, {cfg.test}, {sample})"
     elif gain <= cfg.min_effect:
-        why = f"challenger does not beat the reference ({gain * 100:+.1f} points, p={p_value:.3g})"
+        why = (
+            f"challenger does not beat the reference ({gain * 100:+.1f} points, "
+            f"p={p_value:.3g}, {sample})"
+        )
     else:
-        why = f"gain {gain * 100:+.1f} points is not significant (p={p_value:.3g} >= alpha {cfg.alpha})"
+        why = (
+            f"gain {gain * 100:+.1f} points is not significant "
+            f"(p={p_value:.3g} >= alpha {cfg.alpha}, {sample})"
+        )
     return {
         "promoted": promote,
-        "effect": gain,
-        "p_value": p_value,
+        **result.as_dict(),
         "test": cfg.test,
         "alpha": cfg.alpha,
-        "pairs": len(pairs),
-        "challenger_accuracy": sum(a) / len(a),
-        "reference_accuracy": sum(b) / len(b),
         "reason": why,
     }
 
@@ -180,7 +199,11 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         recipe,
         run_id,
         STAGE,
-        metrics={k: decision[k] for k in ("effect", "p_value") if k in decision}
+        metrics={
+            k: decision[k]
+            for k in ("effect", "p_value", "questions", "repeated_questions")
+            if k in decision
+        }
         | {"promoted": float(decision["promoted"])},
         artifacts={"decision.json": out.store.read_bytes(out.key("decision.json"))},
     )
