@@ -6,6 +6,7 @@ task); every stage task then runs its list, in-process or as a pod (see malt_ops
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -42,11 +43,23 @@ def recipe_for(context: dict[str, Any]) -> Recipe:
 
 
 def run_id_for(context: dict[str, Any]) -> str:
-    """The pipeline run id: the ``run_id`` param, else Airflow's run id made path-safe."""
+    """The pipeline run id: the ``run_id`` param, else Airflow's run id made path-safe.
+
+    One-to-one: an Airflow run id that is already a valid run id is kept as it is; any other
+    (characters replaced, '..', too long) gets a hash of the original appended, so 'a b' and
+    'a/b' never share one run's outputs.
+    """
     explicit = _params(context).get("run_id")
     if explicit:
         return validate_run_id(str(explicit))
-    return validate_run_id(re.sub(r"[^A-Za-z0-9_.:+-]", "-", context["dag_run"].run_id))
+    original = str(context["dag_run"].run_id)
+    safe = re.sub(r"[^A-Za-z0-9_.:+-]", "-", original)
+    safe = re.sub(r"\.(?=\.)", "-", safe)
+    if not (safe[:1].isascii() and safe[:1].isalnum()):
+        safe = f"r{safe}"
+    if safe != original or len(safe) > 200:
+        safe = f"{safe[:180]}-{hashlib.sha256(original.encode()).hexdigest()[:16]}"
+    return validate_run_id(safe)
 
 
 def stage_arguments(stage: str, context: dict[str, Any], *extra: str) -> list[str]:

@@ -21,7 +21,7 @@ from malt_ops.metrics import majority_vote, mean_std
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
-from malt_ops.storage import iter_jsonl
+from malt_ops.storage import iter_jsonl, library_name
 from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "evaluate"
@@ -53,7 +53,7 @@ def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> t
     for trained in (*ROLES, "star"):
         key = adapter_key(run_id, trained)
         if store.exists(f"{key}/adapter_config.json"):
-            name = f"{run_id}-{trained}"
+            name = library_name(run_id, trained)
             if name not in getattr(backend, "adapters", {}):
                 backend.add_adapter(name, str(store.local_dir(key)))
             loaded[trained] = name
