@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from malt_ops.errors import MaltError
+from malt_ops.table1 import MALT_SETTINGS, SETTING_NAMES
 
 ROLES = ("generator", "verifier", "refiner")
 TRAINED = (*ROLES, "star")
@@ -417,6 +418,24 @@ class PromotionConfig(_Section):
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
     bootstrap_samples: int = Field(default=10_000, gt=0)
+
+    @field_validator("gate_setting", "baseline_setting")
+    @classmethod
+    def _table1_setting(cls, value: str, info: ValidationInfo) -> str:
+        if value not in SETTING_NAMES:
+            raise ValueError(
+                f"'{value}' is not a Table 1 setting (one of {', '.join(SETTING_NAMES)})"
+            )
+        # The gate judges the challenger, which is the MALT system; a baseline from that same
+        # system would compare the challenger with itself.
+        if info.field_name == "gate_setting" and value not in MALT_SETTINGS:
+            raise ValueError(f"'{value}' is not a MALT setting: use {' or '.join(MALT_SETTINGS)}")
+        if info.field_name == "baseline_setting" and value in MALT_SETTINGS:
+            raise ValueError(
+                f"'{value}' is a MALT setting, the challenger's own: use a base or STaR setting "
+                "(e.g. MA+MV)"
+            )
+        return value
 
 
 class StageImages(_Section):

@@ -1,5 +1,7 @@
 """Recipe loading, overrides and one-line errors."""
 
+import re
+
 import pytest
 
 from malt_ops.config import Recipe, load_recipe
@@ -141,3 +143,39 @@ def test_bad_run_ids_are_refused(run_id):
     with pytest.raises(MaltError, match="run id") as info:
         validate_run_id(run_id)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (
+            "promotion.gate_setting=Malt",
+            r"promotion.gate_setting: .*'Malt' is not a Table 1 setting",
+        ),
+        (
+            "promotion.gate_setting=MA+MV",
+            r"promotion.gate_setting: .*'MA\+MV' is not a MALT setting",
+        ),
+        ("promotion.baseline_setting=MALT", r"promotion.baseline_setting: .*'MALT' is a MALT"),
+        (
+            "promotion.baseline_setting=mamv",
+            r"promotion.baseline_setting: .*'mamv' is not a Table 1",
+        ),
+    ],
+)
+def test_promotion_settings_are_checked_at_load(override, needle):
+    with pytest.raises(MaltError) as caught:
+        load_recipe(LOCAL_RECIPE, [override])
+    assert re.search(needle, str(caught.value)) and "\n" not in str(caught.value)
+
+
+def test_every_malt_gate_and_other_baseline_load():
+    from malt_ops.table1 import MALT_SETTINGS, SETTING_NAMES
+
+    for gate in MALT_SETTINGS:
+        for baseline in set(SETTING_NAMES) - set(MALT_SETTINGS):
+            promotion = load_recipe(
+                LOCAL_RECIPE,
+                [f"promotion.gate_setting={gate}", f"promotion.baseline_setting={baseline}"],
+            ).promotion
+            assert (promotion.gate_setting, promotion.baseline_setting) == (gate, baseline)

@@ -22,6 +22,7 @@ from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.sample import expand_trees
 from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl, library_name
+from malt_ops.table1 import SETTINGS
 from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "evaluate"
@@ -31,18 +32,6 @@ HELP = (
 )
 
 SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
-SETTINGS = [
-    ("SA", "base", "generator", False),
-    ("SA+MV", "base", "generator", True),
-    ("MA", "base", "refiner", False),
-    ("MA+MV", "base", "refiner", True),
-    ("STaR SA", "star", "generator", False),
-    ("STaR SA+MV", "star", "generator", True),
-    ("STaR MA", "star", "refiner", False),
-    ("STaR MA+MV", "star", "refiner", True),
-    ("MALT w/o MV", "malt", "refiner", False),
-    ("MALT", "malt", "refiner", True),
-]
 
 
 def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> tuple[dict, dict]:
