@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from malt_ops.config import TRAINED, Recipe, load_recipe
+from malt_ops.config import TRAINED, Recipe, load_recipe, parse_override
+from malt_ops.errors import MaltError
 from malt_ops.storage import validate_run_id
 
 log = logging.getLogger("malt_ops")
@@ -35,11 +36,26 @@ def _params(context: dict[str, Any]) -> dict[str, Any]:
     return dict(context.get("params") or {})
 
 
+PARSE_TIME_SECTIONS = ("kubernetes", "schedule")
+"""Recipe sections the DAG file reads when it is parsed (pods, retries, schedule): a per-run
+override of them would be silently ignored, so it is refused."""
+
+
+def refuse_parse_time_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        parts, _ = parse_override(text)
+        if parts[0] in PARSE_TIME_SECTIONS:
+            raise MaltError(
+                f"override '{text}': {'.'.join(parts)} is read when the DAG is parsed, not per "
+                f"run: set it in the DAG's recipe ({dag_recipe_path()}) or the Helm values"
+            )
+
+
 def recipe_for(context: dict[str, Any]) -> Recipe:
     params = _params(context)
-    return load_recipe(
-        params.get("recipe") or dag_recipe_path(), list(params.get("overrides") or [])
-    )
+    overrides = [str(o) for o in params.get("overrides") or []]
+    refuse_parse_time_overrides(overrides)
+    return load_recipe(params.get("recipe") or dag_recipe_path(), overrides)
 
 
 def run_id_for(context: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """The DAG parses, is wiring only, and has the expected tasks, order, tags and retries."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,30 @@ def test_distinct_airflow_run_ids_stay_distinct():
     ids = ["a b", "a/b", "a-b", "a\\b", "a..b", "a...b", "a--b", "-ab", "_ab", "x" * 250, "x" * 251]
     assert len({mapped(i) for i in ids}) == len(ids)
     assert mapped("manual__2026-11-21T10:00:00+00:00") == "manual__2026-11-21T10:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "kubernetes.namespace=other-jobs",
+        "kubernetes={}",
+        "schedule.retries=0",
+        "schedule.cron=null",
+    ],
+)
+def test_overrides_of_keys_read_at_parse_time_are_refused(override):
+    """Pods, retries and the schedule are built when the DAG is parsed: a per-run value is lost."""
+    from types import SimpleNamespace
+
+    from malt_ops.orchestration import plan_run
+
+    context = {
+        "params": {"recipe": str(LOCAL_RECIPE), "run_id": "r1", "overrides": [override]},
+        "dag_run": SimpleNamespace(run_id="manual__2026-11-21T10:00:00+00:00"),
+    }
+    key = override.split("=")[0]
+    with pytest.raises(MaltError, match=rf"^override '{re.escape(override)}': {key} is read when"):
+        plan_run(context)
 
 
 def test_schedule_tags_retries_and_params(dagbag):
