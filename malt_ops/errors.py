@@ -1,5 +1,19 @@
 """User-facing errors: one line that says what to fix."""
 
+import re
+
 
 class MaltError(Exception):
     """An error caused by input or configuration; the CLI prints it as one line and exits 2."""
+
+
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user:password of every URI in it replaced (``https://***@host``).
+
+    For every line that may show a URI: params, log lines, errors (MLflow's own messages
+    repeat the request URL, credentials included).
+    """
+    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
