@@ -179,3 +179,13 @@ def test_every_malt_gate_and_other_baseline_load():
                 [f"promotion.gate_setting={gate}", f"promotion.baseline_setting={baseline}"],
             ).promotion
             assert (promotion.gate_setting, promotion.baseline_setting) == (gate, baseline)
+
+
+def test_a_hub_dataset_needs_a_pinned_revision():
+    hub = ["data.source=hub", "data.hub_name=openai/gsm8k", "data.benchmark=gsm8k"]
+    with pytest.raises(MaltError, match=r"data\.hub_revision"):
+        load_recipe(LOCAL_RECIPE, hub)
+    pinned = load_recipe(LOCAL_RECIPE, [*hub, "data.hub_revision=e53f048"]).data
+    assert pinned.hub_revision == "e53f048"
+    with pytest.raises(MaltError, match=r"data\.hub_revision"):
+        load_recipe(LOCAL_RECIPE, [*hub, "data.hub_revision=../main"])
