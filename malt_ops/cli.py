@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from malt_ops.config import TRAINED, Recipe, load_recipe
-from malt_ops.errors import MaltError, RegistryUnavailable
+from malt_ops.errors import MaltError, RegistryUnavailable, redact
 from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
 from malt_ops.storage import disk_full, validate_run_id
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
         return RETRYABLE_EXIT
     except MaltError as exc:
-        print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
+        print(f"malt-ops {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         error = _disk_full(exc)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from malt_ops.errors import MaltError
+from malt_ops.table1 import MALT_SETTINGS, SETTING_NAMES
 
 ROLES = ("generator", "verifier", "refiner")
 TRAINED = (*ROLES, "star")
@@ -145,6 +146,9 @@ class DataConfig(_Section):
     test_path: str | None = None
     hub_name: str | None = None
     hub_config: str | None = None
+    hub_revision: str | None = None
+    """The hub dataset's commit sha (or tag), required with source hub: a rerun and a later
+    cycle read the same rows, whatever is pushed to the dataset meanwhile."""
     hub_train_split: str = "train"
     hub_test_split: str = "test"
     fields: FieldMap = Field(default_factory=FieldMap)
@@ -161,6 +165,15 @@ class DataConfig(_Section):
 
     _names = field_validator("task", "hub_config")(check_name)
     _paths = field_validator("train_path", "test_path")(check_path)
+
+    @field_validator("hub_revision")
+    @classmethod
+    def _hub_revision(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", value) or ".." in value
+        ):
+            raise ValueError("use a commit sha or tag (letters, digits, '.', '_', '-', '/')")
+        return value
 
     @field_validator("hub_name")
     @classmethod
@@ -186,6 +199,11 @@ class DataConfig(_Section):
             raise ValueError("data.source file needs data.train_path and/or data.test_path")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("data.source hub needs data.hub_name")
+        if self.source == "hub" and not self.hub_revision:
+            raise ValueError(
+                "data.source hub needs data.hub_revision (the dataset's commit sha or tag), so "
+                "that every run reads the same rows"
+            )
         return self
 
 
@@ -435,6 +453,24 @@ class PromotionConfig(_Section):
                     "bootstrap_samples was removed (the sign_flip test is exact): delete the key"
                 )
         return data
+
+    @field_validator("gate_setting", "baseline_setting")
+    @classmethod
+    def _table1_setting(cls, value: str, info: ValidationInfo) -> str:
+        if value not in SETTING_NAMES:
+            raise ValueError(
+                f"'{value}' is not a Table 1 setting (one of {', '.join(SETTING_NAMES)})"
+            )
+        # The gate judges the challenger, which is the MALT system; a baseline from that same
+        # system would compare the challenger with itself.
+        if info.field_name == "gate_setting" and value not in MALT_SETTINGS:
+            raise ValueError(f"'{value}' is not a MALT setting: use {' or '.join(MALT_SETTINGS)}")
+        if info.field_name == "baseline_setting" and value in MALT_SETTINGS:
+            raise ValueError(
+                f"'{value}' is a MALT setting, the challenger's own: use a base or STaR setting "
+                "(e.g. MA+MV)"
+            )
+        return value
 
 
 class StageImages(_Section):

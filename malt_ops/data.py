@@ -351,7 +351,9 @@ def load_hub(cfg: DataConfig) -> Splits:
     splits = {}
     for split, name in (("train", cfg.hub_train_split), ("test", cfg.hub_test_split)):
         try:
-            rows = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=name).to_list()
+            rows = datasets.load_dataset(
+                cfg.hub_name, cfg.hub_config, split=name, revision=cfg.hub_revision
+            ).to_list()
         except Exception as exc:
             raise MaltError(
                 f"could not load hub dataset {cfg.hub_name} split {name}: "

@@ -6,13 +6,15 @@ task); every stage task then runs its list, in-process or as a pod (see malt_ops
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from malt_ops.config import TRAINED, Recipe, load_recipe
+from malt_ops.config import TRAINED, Recipe, load_recipe, parse_override
+from malt_ops.errors import MaltError
 from malt_ops.storage import validate_run_id
 
 log = logging.getLogger("malt_ops")
@@ -34,19 +36,46 @@ def _params(context: dict[str, Any]) -> dict[str, Any]:
     return dict(context.get("params") or {})
 
 
+PARSE_TIME_SECTIONS = ("kubernetes", "schedule")
+"""Recipe sections the DAG file reads when it is parsed (pods, retries, schedule): a per-run
+override of them would be silently ignored, so it is refused."""
+
+
+def refuse_parse_time_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        parts, _ = parse_override(text)
+        if parts[0] in PARSE_TIME_SECTIONS:
+            raise MaltError(
+                f"override '{text}': {'.'.join(parts)} is read when the DAG is parsed, not per "
+                f"run: set it in the DAG's recipe ({dag_recipe_path()}) or the Helm values"
+            )
+
+
 def recipe_for(context: dict[str, Any]) -> Recipe:
     params = _params(context)
-    return load_recipe(
-        params.get("recipe") or dag_recipe_path(), list(params.get("overrides") or [])
-    )
+    overrides = [str(o) for o in params.get("overrides") or []]
+    refuse_parse_time_overrides(overrides)
+    return load_recipe(params.get("recipe") or dag_recipe_path(), overrides)
 
 
 def run_id_for(context: dict[str, Any]) -> str:
-    """The pipeline run id: the ``run_id`` param, else Airflow's run id made path-safe."""
+    """The pipeline run id: the ``run_id`` param, else Airflow's run id made path-safe.
+
+    One-to-one: an Airflow run id that is already a valid run id is kept as it is; any other
+    (characters replaced, '..', too long) gets a hash of the original appended, so 'a b' and
+    'a/b' never share one run's outputs.
+    """
     explicit = _params(context).get("run_id")
     if explicit:
         return validate_run_id(str(explicit))
-    return validate_run_id(re.sub(r"[^A-Za-z0-9_.:+-]", "-", context["dag_run"].run_id))
+    original = str(context["dag_run"].run_id)
+    safe = re.sub(r"[^A-Za-z0-9_.:+-]", "-", original)
+    safe = re.sub(r"\.(?=\.)", "-", safe)
+    if not (safe[:1].isascii() and safe[:1].isalnum()):
+        safe = f"r{safe}"
+    if safe != original or len(safe) > 200:
+        safe = f"{safe[:180]}-{hashlib.sha256(original.encode()).hexdigest()[:16]}"
+    return validate_run_id(safe)
 
 
 def stage_arguments(stage: str, context: dict[str, Any], *extra: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from malt_ops.config import Recipe
 from malt_ops.errors import MaltError
-from malt_ops.orchestration import RECIPE_ENV, REPO_ROOT
+from malt_ops.orchestration import RECIPE_ENV, REPO_ROOT, refuse_parse_time_overrides
 from malt_ops.storage import open_store, run_prefix
 
 log = logging.getLogger("malt_ops")
@@ -70,6 +70,7 @@ def run_pipeline(
     """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left."""
     from malt_ops.tracking import finish_pipeline
 
+    refuse_parse_time_overrides(overrides)  # before Airflow starts, not at the plan task
     os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
     prepare_airflow_home(recipe.run.state_dir)
     dag = load_dag()

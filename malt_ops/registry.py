@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from malt_ops.config import ROLES, Recipe
-from malt_ops.errors import MaltError, RegistryUnavailable
+from malt_ops.errors import MaltError, RegistryUnavailable, redact
 from malt_ops.tracking import client_for, tracking_uri
 
 log = logging.getLogger("malt_ops")
@@ -319,7 +319,7 @@ class RegistryLock:
             if waited + delay > self.timeout:
                 who = (holder or {}).get(LOCK_OWNER_TAG, "other processes")
                 raise MaltError(
-                    f"registry lock '{self.name}' at {tracking_uri(self.recipe)} is held by "
+                    f"registry lock '{self.name}' at {redact(tracking_uri(self.recipe))} is held by "
                     f"{who} for another {max(expires - time.time(), 0):.0f}s (waited "
                     f"{waited:.0f}s): retry later, or delete registered model '{self.name}' "
                     "if that process is gone"
@@ -345,7 +345,7 @@ class RegistryLock:
             log.warning(
                 "could not release registry lock %s (%s); it expires in %.0fs",
                 self.name,
-                str(exc).splitlines()[0][:200],
+                redact(str(exc).splitlines()[0][:200]),
                 self.ttl,
             )
 

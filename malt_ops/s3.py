@@ -258,10 +258,34 @@ class S3Store(Store):
         if self.exists(prefix):
             keys.append(prefix)
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            self._call(
+            self._delete_batch(prefix, [{"Key": self._key(k)} for k in keys[start : start + 1000]])
+
+    def _delete_batch(self, prefix: str, batch: list[dict[str, str]]) -> None:
+        """One multi-object delete; S3 reports a key it could not delete in ``Errors`` (HTTP
+        200), never as an exception, so those keys are retried (transient codes) or raised."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        attempt = 0
+        while batch:
+            answer = self._call(
                 prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
             )
+            errors = answer.get("Errors") or []
+            delay = min(MAX_BACKOFF, BASE_BACKOFF * 2**attempt) * (0.5 + random.random() / 2)
+            lasting = [e for e in errors if str(e.get("Code")) not in _TRANSIENT_CODES]
+            if lasting or (errors and time.monotonic() + delay > deadline):
+                first = (lasting or errors)[0]
+                raise MaltError(
+                    f"S3 did not delete s3://{self.bucket}/{first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message', '')}".rstrip()
+                    + f" ({len(errors)} of {len(batch)} keys not deleted)"
+                )
+            batch = [{"Key": e["Key"]} for e in errors]
+            if batch:
+                attempt += 1
+                log.warning(
+                    "S3 delete: %d keys failed transiently; retry in %.1fs", len(batch), delay
+                )
+                time.sleep(delay)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -211,6 +211,16 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
+def library_name(run_id: str, role: str) -> str:
+    """A name for a run's ``role`` that PEFT, torch, vLLM and Kubernetes all accept.
+
+    A run id may hold '.', ':' and '+' (Airflow's ``manual__2026-12-02T00:41:07.532118+00:00``,
+    a recipe called ``qwen2.5``), which PEFT adapter names (torch module names) refuse; a hash
+    of the run id keeps the name unique per run and free of them.
+    """
+    return f"r{hashlib.sha256(run_id.encode()).hexdigest()[:12]}-{role}"
+
+
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
     return "".join(
         json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from malt_ops.config import Recipe
-from malt_ops.errors import MaltError
+from malt_ops.errors import MaltError, redact
 
 log = logging.getLogger("malt_ops")
 
@@ -88,7 +88,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
                 continue
             flat.update(flatten(item, name))
     else:
-        flat[prefix] = str(value)[:500]
+        flat[prefix] = redact(str(value))[:500]
     return flat
 
 
@@ -168,7 +168,7 @@ def log_stage(
             stage,
             f"[{unit}]" if unit else "",
             type(exc).__name__,
-            str(exc).splitlines()[0][:200],
+            redact(str(exc).splitlines()[0][:200]),
         )
         return None
 
@@ -233,7 +233,7 @@ def finish_pipeline(recipe: Recipe, run_id: str, status: str = "FINISHED") -> No
         log.warning(
             "could not close the MLflow parent run of %s: %s",
             run_id,
-            str(exc).splitlines()[0][:200],
+            redact(str(exc).splitlines()[0][:200]),
         )
 
 
@@ -246,5 +246,5 @@ def registry_errors(recipe: Recipe) -> Iterator[None]:
         yield
     except MlflowException as exc:
         raise MaltError(
-            f"MLflow at {tracking_uri(recipe)}: {str(exc).splitlines()[0][:300]}"
+            redact(f"MLflow at {tracking_uri(recipe)}: {str(exc).splitlines()[0][:300]}")
         ) from None

@@ -75,3 +75,12 @@ def test_bad_run_id_and_missing_model(recipe_file, tmp_path):
         and "could not read GGUF" in done.stderr
         and "Traceback" not in done.stderr
     )
+
+
+def test_run_refuses_an_override_the_dag_reads_at_parse_time(recipe_file):
+    done = run_cli(
+        "run", "--recipe", str(recipe_file()), "--run-id", "k8s", "--set", "schedule.retries=0"
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "schedule.retries is read when the DAG is parsed" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,5 +1,7 @@
 """Recipe loading, overrides and one-line errors."""
 
+import re
+
 import pytest
 from packaging.version import Version
 
@@ -188,3 +190,49 @@ def test_dependency_floors_are_the_tested_versions():
         assert all(specifier.contains(v) for v in pins[name]), (name, pins[name])
         floors = [s.version for s in specifier if s.operator == ">="]
         assert floors == [min(pins[name], key=Version)], (name, str(specifier), pins[name])
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (
+            "promotion.gate_setting=Malt",
+            r"promotion.gate_setting: .*'Malt' is not a Table 1 setting",
+        ),
+        (
+            "promotion.gate_setting=MA+MV",
+            r"promotion.gate_setting: .*'MA\+MV' is not a MALT setting",
+        ),
+        ("promotion.baseline_setting=MALT", r"promotion.baseline_setting: .*'MALT' is a MALT"),
+        (
+            "promotion.baseline_setting=mamv",
+            r"promotion.baseline_setting: .*'mamv' is not a Table 1",
+        ),
+    ],
+)
+def test_promotion_settings_are_checked_at_load(override, needle):
+    with pytest.raises(MaltError) as caught:
+        load_recipe(LOCAL_RECIPE, [override])
+    assert re.search(needle, str(caught.value)) and "\n" not in str(caught.value)
+
+
+def test_every_malt_gate_and_other_baseline_load():
+    from malt_ops.table1 import MALT_SETTINGS, SETTING_NAMES
+
+    for gate in MALT_SETTINGS:
+        for baseline in set(SETTING_NAMES) - set(MALT_SETTINGS):
+            promotion = load_recipe(
+                LOCAL_RECIPE,
+                [f"promotion.gate_setting={gate}", f"promotion.baseline_setting={baseline}"],
+            ).promotion
+            assert (promotion.gate_setting, promotion.baseline_setting) == (gate, baseline)
+
+
+def test_a_hub_dataset_needs_a_pinned_revision():
+    hub = ["data.source=hub", "data.hub_name=openai/gsm8k", "data.benchmark=gsm8k"]
+    with pytest.raises(MaltError, match=r"data\.hub_revision"):
+        load_recipe(LOCAL_RECIPE, hub)
+    pinned = load_recipe(LOCAL_RECIPE, [*hub, "data.hub_revision=e53f048"]).data
+    assert pinned.hub_revision == "e53f048"
+    with pytest.raises(MaltError, match=r"data\.hub_revision"):
+        load_recipe(LOCAL_RECIPE, [*hub, "data.hub_revision=../main"])

@@ -1,5 +1,6 @@
 """The DAG parses, is wiring only, and has the expected tasks, order, tags and retries."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,63 @@ def test_plan_builds_one_argument_list_per_stage_task(monkeypatch):
         plan_run(bad)
 
 
+@pytest.mark.parametrize("run_type", ["manual", "asset_triggered", "scheduled", "backfill"])
+def test_airflow_generated_run_ids_become_valid_run_ids(run_type):
+    """Airflow's own run ids (microseconds, ':' and '+', a random suffix) are accepted."""
+    from types import SimpleNamespace
+
+    import pendulum
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.types import DagRunType
+
+    from malt_ops.orchestration import run_id_for
+    from malt_ops.storage import validate_run_id
+
+    airflow_id = DagRun.generate_run_id(
+        run_type=DagRunType(run_type), logical_date=None, run_after=pendulum.now("UTC")
+    )
+    run_id = run_id_for({"params": {}, "dag_run": SimpleNamespace(run_id=airflow_id)})
+    assert validate_run_id(run_id) == run_id
+
+
+def test_distinct_airflow_run_ids_stay_distinct():
+    from types import SimpleNamespace
+
+    from malt_ops.orchestration import run_id_for
+
+    def mapped(airflow_id):
+        return run_id_for({"params": {}, "dag_run": SimpleNamespace(run_id=airflow_id)})
+
+    assert mapped("a b") != mapped("a/b")
+    ids = ["a b", "a/b", "a-b", "a\\b", "a..b", "a...b", "a--b", "-ab", "_ab", "x" * 250, "x" * 251]
+    assert len({mapped(i) for i in ids}) == len(ids)
+    assert mapped("manual__2026-11-21T10:00:00+00:00") == "manual__2026-11-21T10:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "kubernetes.namespace=other-jobs",
+        "kubernetes={}",
+        "schedule.retries=0",
+        "schedule.cron=null",
+    ],
+)
+def test_overrides_of_keys_read_at_parse_time_are_refused(override):
+    """Pods, retries and the schedule are built when the DAG is parsed: a per-run value is lost."""
+    from types import SimpleNamespace
+
+    from malt_ops.orchestration import plan_run
+
+    context = {
+        "params": {"recipe": str(LOCAL_RECIPE), "run_id": "r1", "overrides": [override]},
+        "dag_run": SimpleNamespace(run_id="manual__2026-11-21T10:00:00+00:00"),
+    }
+    key = override.split("=")[0]
+    with pytest.raises(MaltError, match=rf"^override '{re.escape(override)}': {key} is read when"):
+        plan_run(context)
+
+
 def test_schedule_tags_retries_and_params(dagbag):
     import yaml
 
@@ -121,3 +179,36 @@ def test_new_training_data_also_triggers_a_cycle(tmp_path):
     assert isinstance(schedule, AssetOrTimeSchedule)
     assert [a.uri for a in schedule.asset_condition.objects] == [f"file://{train}"]
     assert dag_schedule(load_recipe(LOCAL_RECIPE)) == "@weekly"
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_dag_test_with_airflows_own_run_id_reaches_evaluate(recipe_file, tmp_path):
+    """No run_id param: the run id is Airflow's ``manual__<time with microseconds>+00:00``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_run import FORCED, TINY
+
+    recipe = recipe_file(name="qwen2.5")
+    script = f"""
+import json, os
+from malt_ops.orchestration import run_id_for
+from malt_ops.pipeline import load_dag, prepare_airflow_home
+prepare_airflow_home({str(tmp_path / "state")!r})
+dag_run = load_dag().test(run_conf={{"recipe": {str(recipe)!r}, "overrides": {TINY + FORCED!r}}})
+print(json.dumps({{"state": str(dag_run.state), "airflow_id": dag_run.run_id,
+    "run_id": run_id_for({{"params": {{}}, "dag_run": dag_run}})}}))
+"""
+    env = {**os.environ, "MALT_OPS_RECIPE": str(recipe)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1500
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["airflow_id"].startswith("manual__") and "." in result["airflow_id"]
+    assert "success" in result["state"], done.stderr[-3000:]
+    evaluated = tmp_path / "store" / "runs" / result["run_id"] / "evaluate"
+    assert (evaluated / "report.json").is_file()

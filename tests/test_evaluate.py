@@ -196,3 +196,40 @@ def test_seed_results_do_not_depend_on_the_other_seeds(hf_backend):
     assert both == alone
     # The digest covers every chain's texts, so equal digests mean equal samples.
     assert all(q["samples_sha256"] for q in alone)
+
+
+AIRFLOW_RUN_IDS = [
+    "manual__2026-12-02T00:41:07.532118+00:00",
+    "asset_triggered__2026-12-02T00:41:07.532118+00:00",
+    "qwen2.5-20261202-004107",
+]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("run_id", AIRFLOW_RUN_IDS)
+def test_trained_adapters_load_under_any_run_id(run_id, recipe_file, model_dir, tmp_path):
+    """Airflow's run ids (microseconds, ':' and '+') and a dotted recipe name reach PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from malt_ops.backends.hf import HFBackend
+    from malt_ops.config import TRAINED, load_recipe
+    from malt_ops.models import load_model
+    from malt_ops.stages.common import stage_output
+    from malt_ops.stages.evaluate import system_adapters
+    from malt_ops.stages.train import adapter_key
+
+    recipe = load_recipe(recipe_file())
+    store = stage_output(recipe, run_id, "train").store
+    adapter = get_peft_model(
+        load_model(model_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    )
+    adapter.save_pretrained(tmp_path / "adapter")
+    for role in TRAINED:
+        for file in (tmp_path / "adapter").iterdir():
+            store.write_bytes(f"{adapter_key(run_id, role)}/{file.name}", file.read_bytes())
+    backend = HFBackend(model_dir, batch_size=4)
+    systems, missing = system_adapters(recipe, run_id, backend)
+    assert missing == {"untrained": []}
+    names = {systems["malt"][role] for role in ("generator", "verifier", "refiner")}
+    assert len(names) == 3 and set(backend.adapters) == names | {systems["star"]["generator"]}
+    assert all("." not in name for name in backend.adapters)

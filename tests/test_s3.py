@@ -157,3 +157,59 @@ def test_credentials_from_an_airflow_connection(s3_server, monkeypatch):
     store = open_store(f"s3://{s3_server['bucket']}/via-connection")
     store.write_bytes("k.txt", b"through the Airflow connection")
     assert store.read_bytes("k.txt") == b"through the Airflow connection"
+
+
+def _stubbed_store(prefix_keys):
+    """An S3Store on a real boto3 client whose answers come from botocore's Stubber.
+
+    The per-key ``Errors`` of a multi-object delete (AWS: a legal hold, a per-key deny, an
+    InternalError on one key) are stubbed: we found no way to make the SeaweedFS server the
+    other tests use answer an unversioned delete with a per-key error.
+    """
+    import boto3
+    from botocore.stub import Stubber
+
+    from malt_ops.s3 import S3Store
+
+    store = S3Store("s3://malt-test/pfx")
+    store.client = boto3.session.Session().client(
+        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    stub = Stubber(store.client)
+    stub.add_response("head_bucket", {})
+    stub.add_response(
+        "list_objects_v2",
+        {"Contents": [{"Key": f"pfx/{k}"} for k in prefix_keys], "IsTruncated": False},
+    )
+    stub.add_client_error("head_object", "404", http_status_code=404)
+    return store, stub
+
+
+def test_delete_prefix_raises_on_a_per_key_error():
+    keys = ["runs/r/promote/pending/a.json", "runs/r/promote/pending/b.json"]
+    store, stub = _stubbed_store(keys)
+    error = {"Key": f"pfx/{keys[1]}", "Code": "AccessDenied", "Message": "Access Denied"}
+    stub.add_response("delete_objects", {"Deleted": [{"Key": f"pfx/{keys[0]}"}], "Errors": [error]})
+    with (
+        stub,
+        pytest.raises(
+            MaltError,
+            match=r"^S3 did not delete s3://malt-test/pfx/runs/r/promote/pending/b\.json: AccessDenied",
+        ),
+    ):
+        store.delete_prefix("runs/r/promote/pending")
+
+
+def test_delete_prefix_retries_the_keys_that_failed_transiently():
+    keys = ["runs/r/promote/pending/a.json", "runs/r/promote/pending/b.json"]
+    store, stub = _stubbed_store(keys)
+    error = {"Key": f"pfx/{keys[1]}", "Code": "InternalError", "Message": "try again"}
+    stub.add_response("delete_objects", {"Deleted": [{"Key": f"pfx/{keys[0]}"}], "Errors": [error]})
+    stub.add_response(
+        "delete_objects",
+        {"Deleted": [{"Key": f"pfx/{keys[1]}"}]},
+        {"Bucket": "malt-test", "Delete": {"Objects": [{"Key": f"pfx/{keys[1]}"}]}},
+    )
+    with stub:
+        store.delete_prefix("runs/r/promote/pending")
+        stub.assert_no_pending_responses()

@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from malt_ops.config import ROLES, load_recipe
+from malt_ops.errors import MaltError
 from malt_ops.registry import CHALLENGER, CHAMPION, alias_versions
 from malt_ops.stages import prepare, promote, register
 from malt_ops.stages.common import stage_output
@@ -179,3 +180,33 @@ def test_no_secret_reaches_mlflow_manifests_or_logs(
     assert "stats.json" in blob or "train" in blob  # something was actually scanned
     assert S3_SECRET_KEY not in blob
     assert sentinel not in blob
+
+
+def test_credentials_in_an_unreachable_tracking_uri_are_never_printed(
+    recipe_file, monkeypatch, caplog
+):
+    sentinel = "pw-7c1e-do-not-print"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bot:{sentinel}@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    recipe = load_recipe(recipe_file())
+    prepare.run(recipe, "creds-offline")
+    assert "MLflow tracking of prepare" in caplog.text and sentinel not in caplog.text
+    with pytest.raises(MaltError) as caught:
+        promote.rollback(recipe)
+    assert "127.0.0.1:9" in str(caught.value) and sentinel not in str(caught.value)
+
+
+def test_credentials_in_the_tracking_uri_are_not_logged_as_params(
+    recipe_file, mlflow_server, monkeypatch
+):
+    sentinel = "pw-2b9d-do-not-log"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with_credentials = mlflow_server["url"].replace("://", f"://bot:{sentinel}@", 1)
+    recipe = load_recipe(recipe_file(tracking={"uri": with_credentials, "experiment": "creds"}))
+    prepare.run(recipe, "creds-params")
+    client = MlflowClient(mlflow_server["url"])
+    experiment = client.get_experiment_by_name("creds")
+    params = [run.data.params for run in client.search_runs([experiment.experiment_id])]
+    assert any("tracking.uri" in p for p in params)
+    assert sentinel not in json.dumps(params)

@@ -26,7 +26,8 @@ from malt_ops.metrics import majority_vote, mean_std, stable_seed
 from malt_ops.prompts import verdict
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
-from malt_ops.storage import iter_jsonl
+from malt_ops.storage import iter_jsonl, library_name
+from malt_ops.table1 import SETTINGS
 from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "evaluate"
@@ -36,18 +37,6 @@ HELP = (
 )
 
 SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
-SETTINGS = [
-    ("SA", "base", "generator", False),
-    ("SA+MV", "base", "generator", True),
-    ("MA", "base", "refiner", False),
-    ("MA+MV", "base", "refiner", True),
-    ("STaR SA", "star", "generator", False),
-    ("STaR SA+MV", "star", "generator", True),
-    ("STaR MA", "star", "refiner", False),
-    ("STaR MA+MV", "star", "refiner", True),
-    ("MALT w/o MV", "malt", "refiner", False),
-    ("MALT", "malt", "refiner", True),
-]
 
 
 def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> tuple[dict, dict]:
@@ -58,7 +47,7 @@ def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> t
     for trained in (*ROLES, "star"):
         key = adapter_key(run_id, trained)
         if store.exists(f"{key}/adapter_config.json"):
-            name = f"{run_id}-{trained}"
+            name = library_name(run_id, trained)
             if name not in getattr(backend, "adapters", {}):
                 backend.add_adapter(name, str(store.local_dir(key)))
             loaded[trained] = name
