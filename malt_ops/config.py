@@ -417,6 +417,10 @@ class PromotionConfig(_Section):
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
     bootstrap_samples: int = Field(default=10_000, gt=0)
+    on_incomparable: Literal["skip", "promote"] = "skip"
+    """When the champion cannot be compared fairly (another base model by content hash, or
+    trained on this run's test questions): skip leaves it in place, promote replaces it
+    with the challenger anyway (for a deliberate change of base model or data)."""
 
 
 class StageImages(_Section):
