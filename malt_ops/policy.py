@@ -38,6 +38,7 @@ def resolve_policy(recipe: Recipe) -> dict[str, Any]:
         "system_version": champion.version,
         "roles": {role: champion.roles[role].source for role in ROLES},
         "role_versions": champion.role_versions,
+        "base_model_sha256": champion.tags.get("base_model_sha256"),
     }
 
 
@@ -52,11 +53,39 @@ def run_policy(recipe: Recipe, run_id: str) -> dict[str, Any]:
     return policy
 
 
+def _check_base_model(recipe: Recipe, policy: dict[str, Any]) -> None:
+    """LoRA adapters of another base model of the same shape load without an error and
+    sample nonsense, so the champion's recorded base model hash must be this recipe's."""
+    import logging
+
+    from malt_ops.errors import MaltError
+    from malt_ops.models import base_model_sha256
+
+    recorded = policy.get("base_model_sha256")
+    if not recorded:
+        logging.getLogger("malt_ops").warning(
+            "sample: champion system v%s records no base model hash; cannot check that its "
+            "adapters were trained on this base model",
+            policy["system_version"],
+        )
+        return
+    ours = base_model_sha256(recipe.model)
+    if recorded != ours:
+        raise MaltError(
+            f"the champion system v{policy['system_version']} was trained on another base model "
+            f"(sha {recorded[:12]}, this recipe's model is {ours[:12]}): sample with the base "
+            "model (--set sampling.policy=adapters) or use the champion's model.*"
+        )
+
+
 def policy_adapter_paths(recipe: Recipe, policy: dict[str, Any]) -> dict[str, str | None]:
     """role -> local adapter directory for a recorded policy (None = the base model)."""
     if policy["kind"] != "champion":
         return dict(policy["roles"])
     from malt_ops.registry import adapter_dir
+
+    if policy["system_version"] is not None:
+        _check_base_model(recipe, policy)
 
     return {
         role: str(adapter_dir(source)) if source is not None else None

@@ -139,3 +139,53 @@ def test_missing_file_is_named(tmp_path):
         load_splits(
             DataConfig(benchmark="gsm8k", source="file", train_path=str(tmp_path / "none.jsonl"))
         )
+
+
+def test_question_normalisation():
+    from malt_ops.data import normalise_question
+
+    assert (
+        normalise_question("  What is\n 2+2?  ")
+        == normalise_question("what is 2+2")
+        == ("what is 2+2")
+    )
+    assert normalise_question("«Who?»") == "who"
+    assert normalise_question("2+2") != normalise_question("2-2")
+
+
+def test_train_test_overlap_is_refused_at_plan_and_at_prepare(recipe_file, tmp_path):
+    from types import SimpleNamespace
+
+    from malt_ops.config import load_recipe
+    from malt_ops.orchestration import plan_run
+    from malt_ops.stages import prepare
+
+    rows = {
+        "train": [("t1", "What is 3+4?"), ("t2", "What is 5*6?")],
+        "test": [("s1", "  what is 5*6 "), ("s2", "What is 9-1?")],  # s1 is t2 again
+    }
+    paths = {}
+    for split, items in rows.items():
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text(
+            "".join(json.dumps({"id": i, "question": q, "answer": "1"}) + "\n" for i, q in items)
+        )
+    path = recipe_file(
+        data={
+            "benchmark": "gsm8k",
+            "source": "file",
+            "train_path": str(paths["train"]),
+            "test_path": str(paths["test"]),
+            "train_size": None,
+            "test_size": None,
+        }
+    )
+    context = {
+        "params": {"recipe": str(path), "run_id": "overlap", "overrides": []},
+        "dag_run": SimpleNamespace(run_id="manual__overlap"),
+    }
+    for attempt in (lambda: plan_run(context), lambda: prepare.run(load_recipe(path), "overlap")):
+        with pytest.raises(MaltError) as refused:
+            attempt()
+        line = str(refused.value)
+        assert "\n" not in line and "1 of the 2 test questions" in line and "s1" in line, line

@@ -510,7 +510,7 @@ def test_sample_checkpoints_from_other_inputs_are_not_reused(recipe_file):
 def _evaluated_run(recipe, run_id: str) -> None:
     """What prepare, train and evaluate leave for register and promote (no model needed)."""
     prepared = stage_output(recipe, run_id, "prepare")
-    prepared.write_jsonl("problems/train.jsonl", [{"id": "q"}])
+    prepared.write_jsonl("problems/train.jsonl", [{"id": "q", "question": "What is 1+1?"}])
     prepared.commit({})
     trained = stage_output(recipe, run_id, "train")
     for role in ROLES:

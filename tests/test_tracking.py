@@ -57,10 +57,22 @@ def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_reci
     assert any(o["Key"].endswith("stats.json") for o in objects.get("Contents", []))
 
 
-def fake_finished_run(recipe, run_id, malt_correct: list[bool], base_correct: list[bool]) -> None:
-    """The store state that evaluate leaves: adapters, a report and per-question outcomes."""
+def fake_finished_run(
+    recipe,
+    run_id,
+    malt_correct: list[bool],
+    base_correct: list[bool],
+    train: tuple[str, ...] = ("What is 1+1?",),
+    test: tuple[str, ...] = ("What is 2+2?",),
+) -> None:
+    """The store state that evaluate leaves: the splits, adapters, a report and per-question
+    outcomes."""
     prepared = stage_output(recipe, run_id, "prepare")
-    prepared.write_jsonl("problems/train.jsonl", [{"id": "q"}])
+    for split, questions in (("train", train), ("test", test)):
+        prepared.write_jsonl(
+            f"problems/{split}.jsonl",
+            [{"id": f"{split}{i}", "question": q} for i, q in enumerate(questions)],
+        )
     prepared.commit({})
     trained = stage_output(recipe, run_id, "train")
     for role in ROLES:
@@ -210,3 +222,71 @@ def test_credentials_in_the_tracking_uri_are_not_logged_as_params(
     params = [run.data.params for run in client.search_runs([experiment.experiment_id])]
     assert any("tracking.uri" in p for p in params)
     assert sentinel not in json.dumps(params)
+
+
+def _champion_system(recipe, client) -> str:
+    from malt_ops.registry import resolve_set
+
+    return resolve_set(recipe, CHAMPION, client).version
+
+
+def test_champion_trained_on_the_test_questions_is_not_compared(tracked_recipe, mlflow_server):
+    client = MlflowClient(mlflow_server["url"])
+    seen = ("What is 3+4?", "What is 5*6?", "What is 7-2?")
+    fake_finished_run(tracked_recipe, "fair-a", [True] * 8, [False] * 8, train=seen)
+    register.run(tracked_recipe, "fair-a")
+    assert promote.run(tracked_recipe, "fair-a")["promoted"]
+    champion = _champion_system(tracked_recipe, client)
+    # Two of run b's four test questions were run a's training questions (case and spacing
+    # differ): the champion would be graded on what it learned.
+    test = ("what is 3+4", "  What is  5*6?", "What is 8+8?", "What is 9+9?")
+    fake_finished_run(tracked_recipe, "fair-b", [True] * 8, [False] * 8, test=test)
+    register.run(tracked_recipe, "fair-b")
+    decision = promote.run(tracked_recipe, "fair-b")
+    assert not decision["promoted"] and decision["compared"] is False
+    assert decision["reason"] == (
+        "not compared: the champion was trained on 2 of this run's 4 test questions"
+    )
+    assert _champion_system(tracked_recipe, client) == champion
+    assert (
+        alias_versions(tracked_recipe, CHAMPION, client)["generator"].tags["malt_ops.run_id"]
+        == "fair-a"
+    )
+    # promotion.on_incomparable: promote replaces it anyway.
+    anyway = tracked_recipe.model_copy(
+        update={
+            "promotion": tracked_recipe.promotion.model_copy(update={"on_incomparable": "promote"})
+        }
+    )
+    fake_finished_run(anyway, "fair-c", [True] * 8, [False] * 8, test=test)
+    register.run(anyway, "fair-c")
+    decision = promote.run(anyway, "fair-c")
+    assert decision["promoted"] and decision["compared"] is False
+    assert "promoted anyway" in decision["reason"]
+    assert _champion_system(tracked_recipe, client) == decision["challenger_system"] != champion
+
+
+def test_champion_of_another_base_model_is_not_compared_nor_sampled(tracked_recipe, mlflow_server):
+    from malt_ops.errors import MaltError
+    from malt_ops.policy import policy_adapter_paths, resolve_policy
+    from malt_ops.registry import system_model_name
+
+    client = MlflowClient(mlflow_server["url"])
+    fake_finished_run(tracked_recipe, "base-a", [True] * 8, [False] * 8)
+    register.run(tracked_recipe, "base-a")
+    assert promote.run(tracked_recipe, "base-a")["promoted"]
+    champion = _champion_system(tracked_recipe, client)
+    # Same name, other weights: what a re-quantised or fine-tuned checkpoint under one name is.
+    client.set_model_version_tag(
+        system_model_name(tracked_recipe), champion, "base_model_sha256", "0" * 64
+    )
+    fake_finished_run(tracked_recipe, "base-b", [True] * 8, [False] * 8)
+    register.run(tracked_recipe, "base-b")
+    decision = promote.run(tracked_recipe, "base-b")
+    assert not decision["promoted"] and decision["compared"] is False
+    assert decision["reason"].startswith(
+        "not compared: different base model (champion sha 000000000000"
+    )
+    assert _champion_system(tracked_recipe, client) == champion
+    with pytest.raises(MaltError, match="trained on another base model"):
+        policy_adapter_paths(tracked_recipe, resolve_policy(tracked_recipe))

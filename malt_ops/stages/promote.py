@@ -7,12 +7,24 @@ model's baseline setting (MA+MV). The three roles move together or not at all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 from malt_ops.config import PromotionConfig, Recipe
+from malt_ops.data import TRAIN_QUESTIONS, question_hash
 from malt_ops.errors import MaltError
-from malt_ops.registry import CHAMPION, promote_set, registry_lock, resolve_set, rollback_set
+from malt_ops.registry import (
+    CHAMPION,
+    SystemSet,
+    promote_set,
+    registry_lock,
+    resolve_set,
+    rollback_set,
+    system_model_name,
+)
 from malt_ops.significance import paired_by_question
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import iter_jsonl
@@ -104,6 +116,74 @@ def decide(
     }
 
 
+def _recorded_train_questions(source: str) -> tuple[bytes | None, str]:
+    """The champion's train_questions.json (bytes, or None when it has none) and where it was
+    looked for. ``source`` is its system version's source: a store directory (local or s3)
+    or, with a local store and a remote server, an MLflow artifact."""
+    where = f"{source.rstrip('/')}/{TRAIN_QUESTIONS}"
+    if source.startswith("s3://"):
+        from malt_ops.s3 import S3Store, split_uri
+
+        bucket, key = split_uri(where)
+        store = S3Store(f"s3://{bucket}")
+        return (store.read_bytes(key) if store.exists(key) else None), where
+    if not source.startswith(("/", "file://")):  # runs:/, models:/, mlflow-artifacts:/...
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = download_artifacts(artifact_uri=where, dst_path=tempfile.mkdtemp())
+        except MlflowException:
+            return None, where
+        return Path(path).read_bytes(), where
+    path = Path(source.removeprefix("file://")) / TRAIN_QUESTIONS
+    return (path.read_bytes() if path.is_file() else None), where
+
+
+def incomparable(
+    recipe: Recipe, run_id: str, champion: SystemSet, challenger_system: str, client
+) -> str | None:
+    """Why the champion cannot be compared fairly with this run's challenger, or None.
+
+    Fair means the same base model by content hash (the name can hide another checkpoint)
+    and no test question of this run among the champion's training questions (it would be
+    graded on questions it learned)."""
+    name = system_model_name(recipe)
+    ours = client.get_model_version(name, str(challenger_system)).tags.get("base_model_sha256")
+    theirs = champion.tags.get("base_model_sha256")
+    if not theirs:
+        return (
+            f"not compared: the champion {champion.describe()} records no base model hash "
+            "(registered before malt-ops recorded one)"
+        )
+    if theirs != ours:
+        return (
+            f"not compared: different base model (champion sha {theirs[:12]} vs {str(ours)[:12]})"
+        )
+    recorded, where = _recorded_train_questions(
+        client.get_model_version(name, champion.version).source
+    )
+    if recorded is None:
+        return f"not compared: the champion records no training questions ({where} is missing)"
+    if hashlib.sha256(recorded).hexdigest() != champion.tags.get("train_questions_sha256"):
+        return f"not compared: {where} does not match the champion's train_questions_sha256"
+    trained_on = set(json.loads(recorded)["normalised_question_sha256"])
+    prepared = stage_output(recipe, run_id, "prepare")
+    test = [
+        question_hash(p["question"])
+        for p in iter_jsonl(prepared.store, prepared.key("problems/test.jsonl"))
+    ]
+    shared = sum(h in trained_on for h in test)
+    if shared:
+        return (
+            f"not compared: the champion was trained on {shared} of this run's "
+            f"{len(test)} test questions"
+        )
+    return None
+
+
 def _decision(
     recipe: Recipe, run_id: str, versions: dict, system_version: str | None, client
 ) -> dict[str, Any]:
@@ -118,14 +198,25 @@ def _decision(
     if not versions or not system_version:
         decision = {
             "promoted": False,
+            "compared": False,
             "reason": "no complete challenger set was registered",
             "reference": None,
         }
     elif found and found.version == str(system_version):
         decision = {
             "promoted": False,
+            "compared": False,
             "reason": "the challenger already is the champion",
             "reference": "champion",
+        }
+    elif found and (why := incomparable(recipe, run_id, found, system_version, client)):
+        anyway = recipe.promotion.on_incomparable == "promote"
+        decision = {
+            "promoted": anyway,
+            "compared": False,
+            "reason": why
+            + ("; promoted anyway (promotion.on_incomparable: promote)" if anyway else ""),
+            "reference": f"champion {found.describe()}",
         }
     else:
         challenger = _per_question(recipe, run_id, system, key)
@@ -138,6 +229,7 @@ def _decision(
             label = f"untrained base ({recipe.promotion.baseline_setting})"
         decision = {
             **decide(challenger, reference, recipe),
+            "compared": True,
             "reference": label,
             "gate_setting": recipe.promotion.gate_setting,
         }

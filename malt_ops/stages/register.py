@@ -7,10 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from malt_ops.config import ROLES, Recipe
+from malt_ops.data import TRAIN_QUESTIONS, question_hash
 from malt_ops.errors import MaltError
+from malt_ops.models import base_model_sha256
 from malt_ops.registry import CHALLENGER, model_name, move_set, register_system_version
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
+from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
 
 STAGE = "register"
@@ -62,9 +65,19 @@ def _logged_source(client, recipe: Recipe, run_id: str, local: str, path: str) -
 
 
 def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, tags) -> str:
-    """The system version recording ``versions``; its files (system.json) sit in the store."""
+    """The system version recording ``versions``; its files (system.json and the training
+    questions) sit in the store."""
     from mlflow.exceptions import MlflowException
 
+    prepared = stage_output(recipe, run_id, "prepare")
+    trained_on = sorted(
+        {
+            question_hash(p["question"])
+            for p in iter_jsonl(prepared.store, prepared.key("problems/train.jsonl"))
+        }
+    )
+    out.write_json(f"system/{TRAIN_QUESTIONS}", {"normalised_question_sha256": trained_on})
+    tags = {**tags, "train_questions_sha256": out.files[f"system/{TRAIN_QUESTIONS}"]["sha256"]}
     out.write_json("system/system.json", {"roles": versions, "run_id": run_id})
     source = out.store.uri(out.key("system"))
     try:
@@ -126,8 +139,9 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         "sha256"
     ]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
+    base_sha = base_model_sha256(recipe.model)  # promote compares content, not the name
     with registry_errors(recipe):
-        versions = _register_set(recipe, out, run_id, base, data_hash, metrics)
+        versions = _register_set(recipe, out, run_id, (base, base_sha), data_hash, metrics)
     system = versions.pop("system")
     summary = {"registered": True, "versions": versions, "system_version": system, "reason": None}
     out.write_json("versions.json", summary)
@@ -142,9 +156,11 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
 
 
 def _register_set(
-    recipe: Recipe, out, run_id: str, base: str, data_hash: str, metrics: dict
+    recipe: Recipe, out, run_id: str, base: tuple[str, str], data_hash: str, metrics: dict
 ) -> dict[str, str]:
+    """``base``: the base model's name or path, and its content hash."""
     store = out.store
+    base, base_sha = base
     client = client_for(recipe)
     versions = {}
     for role in ROLES:
@@ -155,6 +171,7 @@ def _register_set(
             "malt_ops.run_id": run_id,
             "malt_ops.role": role,
             "base_model": str(base),
+            "base_model_sha256": base_sha,
             "recipe_digest": recipe.digest(),
             "data_sha256": data_hash,
             "malt_ops.store_uri": store.uri(adapter_key(run_id, role)),
@@ -164,7 +181,9 @@ def _register_set(
             client, recipe, run_id, name, role, tags
         )
         versions[role] = str(version.version)
-    shared = {k: tags[k] for k in ("base_model", "recipe_digest", "data_sha256")}
+    shared = {
+        k: tags[k] for k in ("base_model", "base_model_sha256", "recipe_digest", "data_sha256")
+    }
     system = _system_version(client, recipe, out, run_id, versions, shared)
     move_set(recipe, CHALLENGER, system, client)  # one alias write moves all three
     return {**versions, "system": system}
