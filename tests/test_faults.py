@@ -79,7 +79,9 @@ def _contend(job: tuple[str, str, str, str | None, float]) -> str:
 @pytest.mark.parametrize(
     "workers",
     [
-        "threads",
+        # Both in `make test-slow` (about a minute each): the system alias makes one move a
+        # single write, and tests/test_registry_faults.py checks half-finished moves quickly.
+        pytest.param("threads", marks=pytest.mark.slow),
         # The same race between two processes (each imports MLflow first: slower).
         pytest.param("processes", marks=pytest.mark.slow),
     ],
