@@ -46,6 +46,7 @@ def test_bad_input_is_one_line_and_exit_2(recipe_file, args, needle):
     assert len([line for line in done.stderr.splitlines() if "error:" in line]) == 1
 
 
+@pytest.mark.slow  # about 30 s: it loads the real model to fail on a missing one
 def test_bad_run_id_and_missing_model(recipe_file, tmp_path):
     done = run_cli("prepare", "--recipe", str(recipe_file()), "--run-id", "../escape")
     assert done.returncode == 2 and "run id" in done.stderr

@@ -260,6 +260,7 @@ def test_no_secret_in_xcom_airflow_logs_or_local_state(finished_run):
     assert S3_SECRET_KEY not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a second `malt-ops run` of the same cycle (about 30 s)
 def test_rerun_skips_finished_stages(finished_run, env):
     store = finished_run["store"]
     before = store.read_bytes("runs/e2e-c1/evaluate/report.json")
