@@ -76,7 +76,9 @@ def turnwise_lines(series: dict[str, list[float]], title: str, path: Path) -> Pa
 
 
 def value_histograms(histograms: dict[str, list[int]], threshold: float, path: Path) -> Path:
-    """Per role: how many outputs got each value (10 bins over [0, 1]), with the threshold marked."""
+    """Per role: how many outputs got each value (10 right-closed bins over [0, 1], the first
+    holding 0 too, so a value equal to the threshold sits left of its line), with the
+    threshold marked."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(histograms), figsize=(4 * len(histograms), 3.2), squeeze=False)
     for ax, (role, counts) in zip(axes[0], histograms.items(), strict=True):

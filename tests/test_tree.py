@@ -68,3 +68,13 @@ def test_pairs_respect_parent_quota_and_usable_set():
     assert {p["id"] for p, _ in pairs} == {"g0.v0.r0", "g0.v0.r1"}  # round-robin over positives
     only_second = sibling_pairs(nodes, labels, "refiner", 4, usable={"g0.v0.r1"})
     assert {p["id"] for p, _ in only_second} == {"g0.v0.r1"}
+
+
+def test_a_value_at_the_threshold_is_counted_left_of_it():
+    # Regression (issue 22 item 10): V = 0.5 is negative (positive needs V > 0.5) but its bin
+    # was [0.5, 0.6), drawn right of the threshold line at 0.5.
+    from malt_ops.stages.label import value_bin
+
+    assert value_bin(0.5) == 4  # (0.4, 0.5]: left of the line, with the other negatives
+    assert value_bin(0.51) == 5
+    assert value_bin(0.0) == 0 and value_bin(1.0) == 9 and value_bin(0.1) == 0

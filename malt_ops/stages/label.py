@@ -12,6 +12,7 @@ recipe itself is checked earlier against a bound that needs no tokenizer (config
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -85,6 +86,12 @@ def _check_tree(tree: Any) -> str | None:
     return None
 
 
+def value_bin(value: float) -> int:
+    """The histogram bin of a node value: right-closed bins (0.4, 0.5], so a value equal to
+    the default threshold (negative: positives need V > threshold) is drawn left of it."""
+    return min(HISTOGRAM_BINS - 1, max(0, math.ceil(value * HISTOGRAM_BINS - 1e-9) - 1))
+
+
 def _usable(node: dict[str, Any]) -> bool:
     """A finished, non-empty output of sane length: the only kind ever taught as good."""
     text = node.get("text") or ""
@@ -143,8 +150,7 @@ def label_trees(
         by_id = {n["id"]: n for n in nodes}
         labels = assign_values(nodes, cfg.pooling, cfg.threshold)
         for node in nodes:
-            bucket = min(HISTOGRAM_BINS - 1, int(labels[node["id"]].value * HISTOGRAM_BINS))
-            histograms[node["role"]][bucket] += 1
+            histograms[node["role"]][value_bin(labels[node["id"]].value)] += 1
         # A truncated, empty or runaway output is never taught as good, though it may be the
         # rejected side.
         # A node under a runaway parent saw that parent's text in its prompt: its rows would
