@@ -35,6 +35,19 @@ class TrainResult:
     trainer: Any = None
 
 
+def dpo_micro_batches(batch_size: int) -> tuple[int, int]:
+    """(pairs per forward pass, forward passes per step) for ``batch_size`` pairs per step.
+
+    A pair is two sequences (chosen, rejected), so a forward pass takes at most half as many
+    pairs as an SFT step takes rows, and a step holds as many sequences in memory as an SFT
+    step. The pairs per pass divide ``batch_size``, so a step sees exactly ``batch_size``
+    pairs (5 is 5 x 1, never the 2 x 2 that rounding gave).
+    """
+    limit = max(1, batch_size // 2)
+    per_forward = max(d for d in range(1, limit + 1) if batch_size % d == 0)
+    return per_forward, batch_size // per_forward
+
+
 def _common_args(
     cfg: RoleTrainingConfig,
     out_dir: Path,
@@ -256,14 +269,9 @@ def dpo_trainer(
     common = _common_args(
         cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
     )
-    # A pair is two sequences (chosen, rejected): run half as many pairs per forward pass and
-    # accumulate twice as often, so a DPO step holds as many sequences in memory as an SFT step
-    # while each optimizer step still sees batch_size pairs.
-    pairs_per_forward = max(1, cfg.batch_size // 2)
+    pairs_per_forward, accumulate = dpo_micro_batches(cfg.batch_size)
     common["per_device_train_batch_size"] = pairs_per_forward
-    common["gradient_accumulation_steps"] = cfg.grad_accum * max(
-        1, round(cfg.batch_size / pairs_per_forward)
-    )
+    common["gradient_accumulation_steps"] = cfg.grad_accum * accumulate
     args = DPOConfig(**common, beta=cfg.beta)
     # ref_model=None with a PEFT policy: TRL copies the loaded (SFT) adapter into a frozen "ref" adapter.
     return DPOTrainer(

@@ -205,3 +205,15 @@ def test_train_refuses_a_prompt_over_the_budget_before_loading_the_model(recipe_
     with pytest.raises(MaltError, match=r"training\.generator\.max_length \(100\) is too short"):
         train.run(recipe, "budget", "generator")
     assert not stage_output(recipe, "budget", "train", unit="generator").done()
+
+
+def test_dpo_steps_see_exactly_batch_size_pairs():
+    # Regression (issue 22 item 10): batch_size 5 ran 2 pairs per pass x round(2.5) = 2 passes,
+    # 4 pairs per step; 7 gave 6.
+    from malt_ops.training import dpo_micro_batches
+
+    for batch_size in range(1, 17):
+        per_forward, passes = dpo_micro_batches(batch_size)
+        assert per_forward * passes == batch_size, batch_size
+        assert per_forward <= max(1, batch_size // 2)
+    assert dpo_micro_batches(8) == (4, 2) and dpo_micro_batches(5) == (1, 5)
