@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter
 from collections.abc import Hashable, Sequence
-
-
-def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from ``parts`` (e.g. evaluation seed and question id) that is the same in
-    every process: Python's hash() of a string changes with PYTHONHASHSEED."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 def majority_vote(classes: Sequence[Hashable | None], seed: int) -> int | None:

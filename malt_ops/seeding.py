@@ -24,14 +24,17 @@ SEED_BITS = 63
 """vLLM and torch take signed 64-bit seeds: stay below 2**63, children included."""
 
 
-def derive_seed(*parts: str | int | None) -> int:
-    """A request seed in [0, 2**63) that is a multiple of ``SEED_STRIDE``, from ``parts``.
-
-    The parts are encoded as a JSON list, so ``("a", 1)`` and ``("a1",)`` or ``(1,)`` and
-    ``("1",)`` give different seeds.
-    """
+def stable_seed(*parts: str | int | None) -> int:
+    """A 64-bit seed from ``parts`` that is the same in every process (Python's hash() of a
+    string changes with PYTHONHASHSEED). The parts are encoded as a JSON list, so
+    ``("a", 1)`` and ``("a1",)`` or ``(1,)`` and ``("1",)`` give different seeds."""
     blob = json.dumps(list(parts), separators=(",", ":")).encode()
-    value = int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
+
+
+def derive_seed(*parts: str | int | None) -> int:
+    """A request seed in [0, 2**63) that is a multiple of ``SEED_STRIDE``, from ``parts``."""
+    value = stable_seed(*parts)
     slots = 2**SEED_BITS // SEED_STRIDE
     return (value % slots) * SEED_STRIDE
 

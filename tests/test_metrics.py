@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from malt_ops.metrics import majority_vote, stable_seed
+from malt_ops.metrics import majority_vote
+from malt_ops.seeding import stable_seed
 
 
 def test_vote_counts_classes_and_skips_chains_without_an_answer():
@@ -28,7 +29,7 @@ def test_ties_are_seeded_reproducible_and_not_biased_to_the_first_chain():
 
 
 def test_stable_seed_does_not_depend_on_the_process_hash_seed():
-    code = "from malt_ops.metrics import stable_seed; print(stable_seed(3, 'gsm8k-17'))"
+    code = "from malt_ops.seeding import stable_seed; print(stable_seed(3, 'gsm8k-17'))"
     seen = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -22,8 +22,9 @@ from malt_ops.chains import expand_trees
 from malt_ops.config import ROLES, Recipe, SamplingConfig
 from malt_ops.errors import MaltError
 from malt_ops.grading import answer_classes
-from malt_ops.metrics import majority_vote, mean_std, stable_seed
+from malt_ops.metrics import majority_vote, mean_std
 from malt_ops.prompts import verdict
+from malt_ops.seeding import stable_seed
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.stages.train import adapter_key
 from malt_ops.storage import iter_jsonl, library_name
@@ -98,7 +99,7 @@ def score_question(
     +MV votes on answer classes under the grader's equality (``grading.answer_classes``):
     '17' and '17.0' are one answer; a chain without an answer does not vote. The winner's
     correctness is its class's (the class's first chain's grade). A tie is broken by
-    ``tie_seed`` (``metrics.stable_seed(evaluation seed, question id)``), separately per turn.
+    ``tie_seed`` (``seeding.stable_seed(evaluation seed, question id)``), separately per turn.
     """
 
     def voted(turn: str) -> bool:
