@@ -79,8 +79,10 @@ TINY = {
         "checkpoint_every": 1,
     },
     "labeling": {"threshold": 0.01},
+    # max_length holds the refiner's prompt (two earlier turns of 32 tokens in the issue-16
+    # role prompts, about 260 tokens) and its own 32: label refuses a budget that cannot.
     "training": {
-        role: {**values, "max_steps": 1, "max_length": 256} if isinstance(values, dict) else values
+        role: {**values, "max_steps": 1, "max_length": 384} if isinstance(values, dict) else values
         for role, values in TRAIN.items()
     },
     "evaluation": {
