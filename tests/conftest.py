@@ -342,3 +342,22 @@ def penalised_model_dir(model_dir: Path, tmp_path_factory) -> Path:
     config |= {"repetition_penalty": 1.3, "top_k": 5, "no_repeat_ngram_size": 3}
     (copy / "generation_config.json").write_text(json.dumps(config))
     return copy
+
+
+def random_lora(model_dir: Path, path: Path) -> Path:
+    """A LoRA adapter with random (non-zero) weights on the test model, saved at ``path``:
+    an adapter that visibly changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from malt_ops.models import load_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_model(model_dir),
+        LoraConfig(
+            r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+        ),
+    )
+    model.save_pretrained(path)
+    return path

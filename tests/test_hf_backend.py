@@ -1,7 +1,6 @@
 """The hf backend on the real SmolLM2 model: batching, padding, seeds, adapters, token counts."""
 
 import pytest
-import torch
 
 from malt_ops.backends import SamplingParams
 from malt_ops.errors import MaltError
@@ -48,19 +47,10 @@ def test_samples_per_prompt_seeds_and_token_counts(hf_backend):
 
 
 def test_named_adapters_change_output_and_base_stays(hf_backend, model_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from malt_ops.models import load_model
+    from tests.conftest import random_lora
 
     base_before = hf_backend.generate(PROMPTS[:1], GREEDY)[0][0].text
-    torch.manual_seed(0)
-    model = get_peft_model(
-        load_model(model_dir),
-        LoraConfig(
-            r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
-        ),
-    )
-    model.save_pretrained(tmp_path / "adapter")
+    random_lora(model_dir, tmp_path / "adapter")
     hf_backend.add_adapter("test-verifier", str(tmp_path / "adapter"))
     with_adapter = hf_backend.generate(PROMPTS[:1], GREEDY, adapter="test-verifier")[0][0].text
     base_after = hf_backend.generate(PROMPTS[:1], GREEDY)[0][0].text

@@ -316,21 +316,11 @@ def test_star_trains_on_the_base_generators_own_samples(
     """Issue 16 item 6: from cycle 2 the trees' generator is the champion's, so STaR rows taken
     from the trees were the champion's outputs. STaR's samples come from the base generator,
     whatever the policy, and a later cycle over the same questions reuses them."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from malt_ops.config import load_recipe
-    from malt_ops.models import load_model
     from malt_ops.stages import label, prepare, sample
+    from tests.conftest import random_lora
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        load_model(model_dir),
-        LoraConfig(
-            r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
-        ),
-    )
-    model.save_pretrained(tmp_path / "policy-generator")
+    random_lora(model_dir, tmp_path / "policy-generator")
     path = recipe_file(
         data={"train_size": 2, "test_size": 1},
         sampling={
