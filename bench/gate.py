@@ -136,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--recipes", nargs="+", default=["local", "science-test", "cluster"])
+    parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
     rows = [recipe_layout(name) for name in args.recipes]
     rows.append((layout("200 questions, one seed", 200, [0], 200), PromotionConfig()))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import table
+    from common import report, table
 
     out = []
     for i, (where, gate) in enumerate(rows):
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{power:.3f} ± {power_se:.3f}",
             ]
         )
-    print(
+    intro = (
         f"Promotion gate, {args.trials} trials per cell, significance required. Equal accuracy "
         f"and power: per-question true accuracies {ACCURACY} ± {SPREAD} (uniform), shared by "
         "both systems. Right on different questions: each system's per-question accuracies "
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "same, item-level McNemar (old gate)",
         f"power at +{GAIN * 100:.0f} points",
     ]
-    print(table(headers, out))
+    bound = "bound for false promotions: alpha + 3 x the simulation's standard error"
+    report("bench/gate.py", intro + "\n" + table(headers, out), bound, not args.no_append)
     return 0
 
 
