@@ -26,8 +26,8 @@ from scipy.stats import binom
 
 from malt_ops.config import PromotionConfig, load_recipe
 from malt_ops.data import load_splits
+from malt_ops.evaluation import subset_positions
 from malt_ops.significance import sign_flip_p_value
-from malt_ops.stages.evaluate import subset_positions
 from malt_ops.stages.promote import passes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

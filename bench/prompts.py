@@ -115,8 +115,9 @@ def run_chains(backend: Any, problems: list[dict], prompts: Any, params: dict, c
 
 
 def summarize(chains: list[dict[str, Any]]) -> dict[str, Any]:
+    from malt_ops.evaluation import score_question
     from malt_ops.prompts import verdict
-    from malt_ops.stages.evaluate import copy_rate, score_question
+    from malt_ops.stages.evaluate import copy_rate
 
     scored = [score_question([chain]) for chain in chains]
     n = len(chains)

@@ -42,9 +42,9 @@ from common import table
 
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
+from malt_ops.evaluation import setting_key
 from malt_ops.significance import paired_by_question
 from malt_ops.stages.common import require_done, stage_output
-from malt_ops.stages.evaluate import setting_key
 from malt_ops.storage import iter_jsonl, run_prefix, validate_run_id
 
 STAGES = ("prepare", "sample", "label", "train", "evaluate")

@@ -388,7 +388,7 @@ class EvaluationConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     subset_size: int = Field(default=100, gt=0)
     """Test questions per seed; disjoint across seeds when the pool holds seeds x subset_size
-    (the rule: malt_ops.stages.evaluate.subset_positions)."""
+    (the rule: malt_ops.evaluation.subset_positions)."""
     votes: int = Field(default=3, ge=1)
     """Independent chains per question for majority voting (MV@3)."""
     temperature: float = Field(default=0.3, ge=0)

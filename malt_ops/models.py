@@ -175,6 +175,16 @@ def _digest_files(source: Path) -> list[Path]:
     return sorted([source / "config.json", *source.glob("*.safetensors"), *source.glob("*.bin")])
 
 
+def adapter_digest(path: Path) -> str:
+    """Content hash of an adapter directory: every file's relative name and content. The
+    same adapter hashes the same from the train store, a registry download or a scratch copy."""
+    root, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0".encode())
+        digest.update(bytes.fromhex(_sha256_of(file)))
+    return digest.hexdigest()
+
+
 def base_model_sha256(cfg: ModelConfig) -> str:
     """A content hash of the base model (its config and weights), the same on every machine.
 

@@ -28,7 +28,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     "train": "trainer",
     "evaluate": "sampler",
     "register": "light",
-    # promote re-evaluates the champion on the challenger's questions: inference, so a GPU.
+    # promote evaluates the champion on the challenger's questions (unless the evaluation
+    # cache holds its results): inference, so a GPU.
     "promote": "sampler",
 }
 GPU_KINDS: frozenset[StageKind] = frozenset({"sampler", "trainer"})

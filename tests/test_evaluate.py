@@ -3,16 +3,10 @@
 import pytest
 
 from malt_ops.data import make_problem
+from malt_ops.evaluation import chain_records, score_question, verifier_correct
 from malt_ops.grading import grade_many
 from malt_ops.metrics import mean_std
-from malt_ops.stages.evaluate import (
-    SETTINGS,
-    build_report,
-    chain_records,
-    format_table,
-    score_question,
-    verifier_correct,
-)
+from malt_ops.stages.evaluate import SETTINGS, build_report, format_table
 
 GSM8K = make_problem("gsm8k", "q", "How many?", "2")
 
@@ -172,7 +166,7 @@ def test_seed_results_do_not_depend_on_the_other_seeds(hf_backend):
     """seeds: [0] reproduces seed 0 of a seeds: [0, 1] run, question by question."""
     from malt_ops.config import ROLES, Recipe
     from malt_ops.data import make_problem
-    from malt_ops.stages.evaluate import run_system
+    from malt_ops.evaluation import run_system
 
     questions = [
         make_problem("gsm8k", "q1", "Tom has 3 apples and buys 4 more. How many now?", "7"),

@@ -16,6 +16,12 @@ from typing import Any
 from malt_ops.config import PromotionConfig, Recipe
 from malt_ops.data import TRAIN_QUESTIONS, question_hash
 from malt_ops.errors import MaltError
+from malt_ops.evaluation import setting_key, test_subsets
+from malt_ops.evaluation_cache import (
+    EVALUATION_KEY,
+    cached_system_results,
+    seed_from_evaluation,
+)
 from malt_ops.registry import (
     CHAMPION,
     SystemSet,
@@ -31,6 +37,8 @@ from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
 
 STAGE = "promote"
+CHALLENGER_SYSTEM = "malt"
+"""The evaluate system that register registers (and promote may make the champion)."""
 HELP = (
     "Compare the challenger set with the current champion on the same test questions and seeds "
     "(paired test); move alias 'champion' only if the challenger wins."
@@ -57,20 +65,29 @@ def _per_question(
 
 def _champion_per_question(
     recipe: Recipe, run_id: str, champion: dict, key: str
-) -> dict[tuple[int, str], bool]:
-    """Run the champion set on this run's test subsets (same questions, same seeds)."""
+) -> tuple[dict[tuple[int, str], bool], dict[str, str]]:
+    """The champion set on this run's test subsets (same questions, same seeds): from the
+    evaluation cache when it was evaluated before under the same key, else run now.
+    Returns the outcomes and where they came from (the cache key and "cache"/"evaluated")."""
     from malt_ops.backends import create_backend
     from malt_ops.registry import adapter_dir
-    from malt_ops.stages.evaluate import run_system, test_subsets
 
-    backend = create_backend(recipe)
-    adapters = {}
-    for role, version in champion.items():
-        name = f"champion-{role}-v{version.version}"
-        backend.add_adapter(name, str(adapter_dir(version.source)))
-        adapters[role] = name
-    scored = run_system(test_subsets(recipe, run_id), backend, adapters, recipe, "champion")
-    return {(seed, q["question_id"]): bool(q[key]) for seed, rows in scored.items() for q in rows}
+    adapters = {
+        role: (f"champion-{role}-v{version.version}", adapter_dir(version.source))
+        for role, version in champion.items()
+    }
+    scored, cache_key, source = cached_system_results(
+        recipe,
+        test_subsets(recipe, run_id),
+        adapters,
+        lambda: create_backend(recipe),
+        "champion",
+        origin={"computed_by": f"promote of run {run_id}"},
+    )
+    outcomes = {
+        (seed, q["question_id"]): bool(q[key]) for seed, rows in scored.items() for q in rows
+    }
+    return outcomes, {"evaluation_key": cache_key.digest, "reference_results": source}
 
 
 def passes(effect: float, p_value: float, cfg: PromotionConfig) -> bool:
@@ -190,8 +207,6 @@ def _decision(
     """Compare the challenger set with the champion (or the base model): the decision.
 
     The champion is read once, from the system alias, so it is always one whole set."""
-    from malt_ops.stages.evaluate import setting_key
-
     system, key = setting_key(recipe.promotion.gate_setting)
     found = resolve_set(recipe, CHAMPION, client)
     champion = found.roles if found else None
@@ -221,17 +236,19 @@ def _decision(
     else:
         challenger = _per_question(recipe, run_id, system, key)
         if champion:
-            reference = _champion_per_question(recipe, run_id, champion, key)
+            reference, provenance = _champion_per_question(recipe, run_id, champion, key)
             label = f"champion {found.describe()}"
         else:
             base_system, base_key = setting_key(recipe.promotion.baseline_setting)
             reference = _per_question(recipe, run_id, base_system, base_key)
             label = f"untrained base ({recipe.promotion.baseline_setting})"
+            provenance = {"reference_results": "evaluate"}
         decision = {
             **decide(challenger, reference, recipe),
             "compared": True,
             "reference": label,
             "gate_setting": recipe.promotion.gate_setting,
+            **provenance,
         }
     decision["challenger"] = versions
     decision["challenger_system"] = system_version
@@ -256,6 +273,41 @@ def _apply(recipe: Recipe, decision: dict[str, Any], client, store, pending: str
             raise
         store.delete_prefix(pending)  # the champion moved on: the next attempt decides anew
         raise
+
+
+def _seed_cache(recipe: Recipe, run_id: str, system_version: str, client) -> None:
+    """The new champion was just evaluated by this run's evaluate: store those results in the
+    evaluation cache, so the next cycle's promote does not run the set again. Only when
+    evaluate's key matches the one computed from the registry's adapters exactly; a failure
+    here costs that promote one evaluation, never this promotion."""
+    from malt_ops.registry import adapter_dir
+
+    evaluated = stage_output(recipe, run_id, "evaluate")
+    recorded_key = evaluated.key(EVALUATION_KEY)
+    if not evaluated.store.exists(recorded_key):
+        log.info("promote: evaluate recorded no evaluation key; the cache is not seeded")
+        return
+    try:
+        current = resolve_set(recipe, CHAMPION, client)
+        if current is None or current.version != str(system_version):
+            return  # the champion moved on meanwhile: nothing to seed for it
+        rows = [
+            r
+            for r in iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl"))
+            if r["system"] == CHALLENGER_SYSTEM
+        ]
+        outcome = seed_from_evaluation(
+            recipe,
+            evaluated.store.read_json(recorded_key)[CHALLENGER_SYSTEM],
+            rows,
+            test_subsets(recipe, run_id),
+            {role: adapter_dir(v.source) for role, v in current.roles.items()},
+            {"computed_by": f"evaluate of run {run_id}", "system_version": str(system_version)},
+        )
+    except Exception as exc:  # an optimisation: the promotion itself has happened
+        log.warning("promote: could not seed the evaluation cache (%s)", exc)
+        return
+    log.info("promote: evaluation cache for the new champion: %s", outcome)
 
 
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -283,6 +335,7 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     decision = out.store.read_json(pending)
     if decision["promoted"]:
         _apply(recipe, decision, client, out.store, pending)
+        _seed_cache(recipe, run_id, decision["challenger_system"], client)
     out.write_json("decision.json", decision)
     out.commit(decision)
     with suppress(Exception):  # committed: the pending copy has done its job

@@ -138,11 +138,9 @@ def _adapter_digest(path: str | None) -> str | None:
     """Content hash of a policy adapter directory (its local path may be a fresh scratch copy)."""
     if path is None or not Path(path).is_dir():
         return path
-    root, digest = Path(path), hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(root).as_posix()}\0".encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()
+    from malt_ops.models import adapter_digest
+
+    return adapter_digest(Path(path))
 
 
 def _inputs_digest(recipe: Recipe, policy: dict[str, str | None]) -> str:
