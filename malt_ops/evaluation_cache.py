@@ -228,32 +228,31 @@ def store_results(
 def cached_system_results(
     recipe: Recipe,
     problems_by_seed: dict[int, list[dict[str, Any]]],
-    adapters: dict[str, tuple[str, Path] | None],
+    adapter_dirs: dict[str, Path | None],
     backend_factory: Callable[[], InferenceBackend],
     desc: str,
     origin: dict[str, Any] | None = None,
 ) -> tuple[dict[int, list[dict[str, Any]]], EvaluationKey, str]:
     """A system's per-question results on these subsets, from the cache when it has them.
 
-    ``adapters``: role -> (adapter name, local directory), or None for the base model.
-    The backend is created only on a miss. Returns (results, key, "cache" or "evaluated").
+    ``adapter_dirs``: role -> local adapter directory, or None for the base model. The
+    backend is created only on a miss. Returns (results, key, "cache" or "evaluated").
     """
-    dirs = {role: None if adapters[role] is None else adapters[role][1] for role in ROLES}
-    key = evaluation_key(recipe, adapter_digests(dirs), problems_by_seed)
+    digests = adapter_digests(adapter_dirs)
+    key = evaluation_key(recipe, digests, problems_by_seed)
     store = open_store(recipe.storage.root)
     if (cached := lookup(store, key, problems_by_seed)) is not None:
         log.info("evaluate %s: results from the evaluation cache (%s)", desc, key.digest[:12])
         return cached, key, "cache"
     backend = backend_factory()
-    names: dict[str, str | None] = {}
+    names: dict[str, str | None] = dict.fromkeys(ROLES)
     for role in ROLES:
-        if adapters[role] is None:
-            names[role] = None
+        if (digest := digests[role]) is None:
             continue
-        name, path = adapters[role]
-        if name not in getattr(backend, "adapters", {}):
-            backend.add_adapter(name, str(path))
-        names[role] = name
+        # Named by content: a backend that already holds this name holds these weights.
+        names[role] = f"{desc}-{role}-{digest[:12]}"
+        if names[role] not in getattr(backend, "adapters", {}):
+            backend.add_adapter(names[role], str(adapter_dirs[role]))
     scored = run_system(problems_by_seed, backend, names, recipe, desc)
     try:
         store_results(store, key, scored, origin or {"computed_for": desc})

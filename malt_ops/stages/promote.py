@@ -72,14 +72,10 @@ def _champion_per_question(
     from malt_ops.backends import create_backend
     from malt_ops.registry import adapter_dir
 
-    adapters = {
-        role: (f"champion-{role}-v{version.version}", adapter_dir(version.source))
-        for role, version in champion.items()
-    }
     scored, cache_key, source = cached_system_results(
         recipe,
         test_subsets(recipe, run_id),
-        adapters,
+        {role: adapter_dir(version.source) for role, version in champion.items()},
         lambda: create_backend(recipe),
         "champion",
         origin={"computed_by": f"promote of run {run_id}"},
