@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from malt_ops.config import load_recipe
+from malt_ops.config import ROLES, load_recipe
 from malt_ops.data import make_problem
 from malt_ops.evaluation_cache import EVAL_CACHE, cached_system_results, evaluation_key, lookup
 from tests.conftest import LOCAL_RECIPE, random_lora
@@ -209,3 +209,72 @@ def test_every_key_family_changes_the_key(model_dir, tmp_path):
     # What cannot change a result leaves the key alone: the gate and the store's place.
     unrelated = tiny(store, "promotion.alpha=0.1", "training.seed=3")
     assert evaluation_key(unrelated, digests, QUESTIONS).digest == base.digest
+
+
+def _trained(recipe, run_id: str, adapter: Path) -> None:
+    """Train's output for ``run_id`` as evaluate and register read it: ``adapter`` in every role."""
+    from malt_ops.stages.common import stage_output
+    from malt_ops.stages.train import adapter_key
+
+    store = stage_output(recipe, run_id, "train").store
+    for role in (*ROLES, "star"):
+        for file in adapter.iterdir():
+            store.write_bytes(f"{adapter_key(run_id, role)}/{file.name}", file.read_bytes())
+
+
+@pytest.mark.slow  # two evaluate/register/promote cycles against MLflow and S3 (~80 s)
+def test_promote_reads_a_new_champion_from_the_cache_its_evaluate_seeded(
+    registry, s3_env, adapters, hf_backend, factory, calls, tmp_path
+):
+    """Cycle 1's set becomes champion: promote stores evaluate's own results for it. Cycle 2's
+    promote then compares with that champion without running it; the stored results are
+    the ones a fresh evaluation of the registered champion gives."""
+    from malt_ops.stages import evaluate, prepare, promote, register
+
+    recipe = load_recipe(
+        registry["path"],
+        [
+            # In S3: register gives a remote MLflow server no local paths as sources.
+            f"storage.root=s3://{s3_env['bucket']}/{tmp_path.name}",
+            *TINY,
+            "data.train_size=2",
+            "data.test_size=2",
+            "promotion.min_effect=-1",  # cycle 1 is promoted whatever its accuracy
+            "promotion.require_significance=false",
+        ],
+    )
+    decisions = {}
+    for run_id, adapter in (("cycle-1", adapters["first"]), ("cycle-2", adapters["second"])):
+        prepare.run(recipe, run_id)
+        _trained(recipe, run_id, adapter)
+        evaluate.run(recipe, run_id, backend=hf_backend)
+        register.run(recipe, run_id)
+        decisions[run_id] = promote.run(recipe, run_id)
+    first, second = decisions["cycle-1"], decisions["cycle-2"]
+    assert first["promoted"] and first["reference"].startswith("untrained base")
+    assert second["reference"].startswith("champion")
+    assert second["reference_results"] == "cache", "promote ran the unchanged champion"
+
+    # The seeded entry holds what a fresh evaluation of the champion compared with (cycle 1's
+    # set, as the registry serves it) gives, in a store without the entry.
+    from malt_ops.evaluation import test_subsets
+    from malt_ops.registry import adapter_dir, model_name
+    from malt_ops.storage import open_store
+
+    dirs = {
+        role: adapter_dir(
+            registry["client"].get_model_version(model_name(recipe, role), version).source
+        )
+        for role, version in second["champion_before"].items()
+    }
+    subsets = test_subsets(recipe, "cycle-2")
+    elsewhere = recipe.model_copy(
+        update={
+            "storage": recipe.storage.model_copy(update={"root": recipe.storage.root + "-fresh"})
+        }
+    )
+    before = len(calls)
+    fresh, key, source = cached_system_results(elsewhere, subsets, dirs, factory, "champion")
+    assert (source, len(calls)) == ("evaluated", before + 1)
+    assert key.digest == second["evaluation_key"]
+    assert lookup(open_store(recipe.storage.root), key, subsets) == fresh
