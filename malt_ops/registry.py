@@ -372,8 +372,12 @@ def register_system_version(
     source: str,
     client=None,
     tags: dict[str, str] | None = None,
+    source_run_id: str | None = None,
 ) -> str:
-    """The ``<prefix>-system`` version recording ``role_versions`` (reused on a rerun)."""
+    """The ``<prefix>-system`` version recording ``role_versions`` (reused on a rerun).
+
+    ``source_run_id``: the MLflow run holding a ``runs:/`` source (the server refuses such a
+    source without it)."""
     from mlflow.exceptions import MlflowException
 
     client = client or client_for(recipe)
@@ -393,6 +397,7 @@ def register_system_version(
     version = client.create_model_version(
         name,
         source=source,
+        run_id=source_run_id,
         tags={"malt_ops.run_id": run_id, ROLES_TAG: record, **(tags or {})},
         description=f"from pipeline run {run_id}: {_describe(json.loads(record))}",
     )

@@ -235,3 +235,23 @@ def test_sample_with_the_registry_unreachable_commits_nothing(recipe_file, tmp_p
     store = tmp_path / "store" / "runs" / "outage"
     assert not list(store.glob("sample/MANIFEST*")), "a shard was committed during an outage"
     assert not (store / "plan" / "policy.json").exists()
+
+
+def test_system_version_registers_with_a_local_store_and_a_remote_server(registry):
+    """A remote server refuses local sources; the fallback logs the files to the pipeline run,
+    and a runs:/ source needs that run's id (the server refused it without one)."""
+    from malt_ops.config import ROLES
+    from malt_ops.registry import system_model_name
+    from malt_ops.stages import prepare, register
+    from malt_ops.stages.common import stage_output
+
+    recipe = registry["recipe"]
+    assert not recipe.storage.root.startswith("s3://")
+    prepare.run(recipe, "local-store")
+    out = stage_output(recipe, "local-store", "register")
+    version = register._system_version(
+        registry["client"], recipe, out, "local-store", {role: "1" for role in ROLES}, {}
+    )
+    registered = registry["client"].get_model_version(system_model_name(recipe), version)
+    assert registered.source.startswith("runs:/")
+    assert registered.run_id

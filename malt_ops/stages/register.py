@@ -85,10 +85,12 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
             raise
-    _, logged = _logged_source(
+    parent, logged = _logged_source(
         client, recipe, run_id, str(out.store.local_dir(out.key("system"))), "system"
     )
-    return register_system_version(recipe, run_id, versions, logged, client, tags)
+    return register_system_version(
+        recipe, run_id, versions, logged, client, tags, source_run_id=parent
+    )
 
 
 def _create_model(client, name: str, description: str) -> None:
