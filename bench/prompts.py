@@ -114,12 +114,16 @@ def run_chains(backend: Any, problems: list[dict], prompts: Any, params: dict, c
     return [{"g": g, "v": v, "r": r} for g, v, r in zip(gens, vers, refs, strict=True)]
 
 
-def summarize(chains: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(problems: list[dict[str, Any]], chains: list[dict[str, Any]]) -> dict[str, Any]:
     from malt_ops.evaluation import score_question
     from malt_ops.prompts import verdict
     from malt_ops.stages.evaluate import copy_rate
 
-    scored = [score_question([chain]) for chain in chains]
+    # One chain per question: nothing to vote on, so the tie seed never decides.
+    scored = [
+        score_question(problem, [chain], tie_seed=0)
+        for problem, chain in zip(problems, chains, strict=True)
+    ]
     n = len(chains)
     verdicts = [verdict(c["v"]["text"]) for c in chains]
     copies = sum(q["copies"] for q in scored)
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except MaltError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summaries = {name: summarize(c) for name, c in chains.items()}
+    summaries = {name: summarize(problems, c) for name, c in chains.items()}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(

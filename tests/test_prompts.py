@@ -47,3 +47,34 @@ def test_a_verifier_with_a_verdict_and_no_answer_is_not_counted_answerless():
     # The refiner gave no answer; the verifier is not asked for one.
     assert counts["no_answer_outputs"] == 1
     assert counts["no_verdict_outputs"] == 0
+
+
+def test_prompt_bench_summary_scores_each_chain_against_its_question():
+    """bench/prompts.py summarised with the old one-argument score_question and crashed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from prompts import summarize
+
+    def node(answer, correct):
+        return {
+            "text": f"Final answer: {answer}",
+            "answer": answer,
+            "correct": correct,
+            "finished": True,
+            "completion_tokens": 4,
+        }
+
+    problems = [
+        {"benchmark": "gsm8k", "question": "1+1?", "answer": "2"},
+        {"benchmark": "gsm8k", "question": "2+2?", "answer": "4"},
+    ]
+    chains = [
+        {"g": node("3", False), "v": node(None, False), "r": node("2", True)},
+        {"g": node("4", True), "v": node(None, False), "r": node("4", True)},
+    ]
+    summary = summarize(problems, chains)
+    assert summary["wrong_to_right"] == 1 and summary["right_to_wrong"] == 0
+    assert summary["copies"] == 1 and summary["refiner_answers"] == 2
+    assert summary["turns"][2] == 1.0
