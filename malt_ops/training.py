@@ -1,8 +1,8 @@
 """TRL + PEFT LoRA training: SFT on positives, then DPO against the SFT adapter.
 
-DPO keeps one base model in memory: the policy is the SFT adapter (trainable) and TRL
-adds a frozen copy of it as the ``ref`` adapter, so the reference is the SFT adapter,
-not the base model and not a second full model. That copy is TRL-version specific (an older
+DPO continues from the model SFT left in memory (the base model is loaded once per role):
+the policy is the SFT adapter (trainable) and TRL adds a frozen copy of it as the ``ref``
+adapter, so the reference is the SFT adapter, not the base model and not a second full model. That copy is TRL-version specific (an older
 TRL, or PEFT < 0.20 with ``target_parameters``, computes the reference with adapters
 disabled, i.e. from the base model), so ``check_reference_adapter`` verifies it before
 training starts.
@@ -251,29 +251,31 @@ def check_reference_adapter(model: Any, sft_adapter: Path) -> None:
 
 
 def dpo_trainer(
-    model_dir: Path,
-    sft_adapter: Path,
+    policy: Any,
+    tokenizer: Any,
     pairs: list[dict[str, Any]],
     cfg: RoleTrainingConfig,
     out_dir: Path,
     seed: int = 0,
-    dtype: str = "float32",
+    precompute: bool = False,
 ) -> Any:
-    """TRL's DPOTrainer on the SFT adapter, set up (``ref`` adapter added), not trained."""
+    """TRL's DPOTrainer continuing from ``policy``, a PEFT model whose ``default`` adapter is
+    the SFT adapter; set up (``ref`` adapter added), not trained.
+
+    ``precompute``: TRL's ``precompute_ref_log_probs`` (one reference pass over all pairs
+    before training instead of one per step); ``precompute_reference`` says when it pays.
+    """
     from datasets import Dataset
-    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer = _load(model_dir, dtype)
-    policy = PeftModel.from_pretrained(model, sft_adapter, is_trainable=True)
     common = _common_args(
         cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
     )
     pairs_per_forward, accumulate = dpo_micro_batches(cfg.batch_size)
     common["per_device_train_batch_size"] = pairs_per_forward
     common["gradient_accumulation_steps"] = cfg.grad_accum * accumulate
-    args = DPOConfig(**common, beta=cfg.beta)
-    # ref_model=None with a PEFT policy: TRL copies the loaded (SFT) adapter into a frozen "ref" adapter.
+    args = DPOConfig(**common, beta=cfg.beta, precompute_ref_log_probs=precompute)
+    # ref_model=None with a PEFT policy: TRL copies its adapter (the SFT one) into a frozen "ref" adapter.
     return DPOTrainer(
         model=policy,
         ref_model=None,
@@ -283,17 +285,45 @@ def dpo_trainer(
     )
 
 
+def precompute_reference(cfg: RoleTrainingConfig, pairs: int) -> bool:
+    """Whether TRL's ``precompute_ref_log_probs`` saves time for ``pairs`` pairs.
+
+    Precomputing runs the reference once over every pair, where training runs it once per
+    pair it draws; it pays only when training draws more pairs than there are (more than one
+    pass over the data). bench/training.py measures both.
+    """
+    if cfg.dpo_max_steps > 0:
+        drawn = cfg.dpo_max_steps * cfg.batch_size * cfg.grad_accum
+    else:
+        drawn = cfg.dpo_epochs * pairs
+    return drawn > pairs
+
+
 def train_dpo(
-    model_dir: Path,
-    sft_adapter: Path,
+    sft: TrainResult,
     pairs: list[dict[str, Any]],
     cfg: RoleTrainingConfig,
     out_dir: Path,
     seed: int = 0,
-    dtype: str = "float32",
+    precompute: bool | None = None,
 ) -> TrainResult:
-    trainer = dpo_trainer(model_dir, sft_adapter, pairs, cfg, out_dir, seed, dtype)
-    check_reference_adapter(trainer.model, sft_adapter)
+    """DPO on the model ``train_sft`` left in memory, against its SFT adapter; no reload.
+
+    Takes ``sft``'s model over: its trainer (optimizer state, dataset) is released first, and
+    the model goes on with a second ``ref`` adapter. ``precompute``: None decides by
+    ``precompute_reference``.
+    """
+    import gc
+
+    if sft.trainer is None:
+        raise MaltError(f"DPO: the SFT model of {sft.adapter_dir} is no longer in memory")
+    policy, tokenizer = sft.trainer.model, sft.trainer.processing_class
+    sft.trainer = None
+    gc.collect()
+    if precompute is None:
+        precompute = precompute_reference(cfg, len(pairs))
+    trainer = dpo_trainer(policy, tokenizer, pairs, cfg, out_dir, seed, precompute)
+    check_reference_adapter(trainer.model, sft.adapter_dir)
     trainer.train()
     adapter_dir = out_dir / "dpo"
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])

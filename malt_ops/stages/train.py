@@ -121,7 +121,6 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         summary["phases"].append("sft")
         summary["sft_final_loss"] = _final_loss(result.history)
         final = result.adapter_dir
-        del result
         if cfg.dpo and pairs:
             log.info(
                 "train %s: DPO on %d pairs (beta %.2f, reference = SFT adapter)",
@@ -129,15 +128,8 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 len(pairs),
                 cfg.beta,
             )
-            dpo = train_dpo(
-                model_dir,
-                final,
-                pairs,
-                cfg,
-                scratch_dir,
-                seed=recipe.training.seed,
-                dtype=recipe.model.dtype,
-            )
+            # Continues from the SFT model in memory; the base model is not loaded again.
+            dpo = train_dpo(result, pairs, cfg, scratch_dir, seed=recipe.training.seed)
             histories["dpo"] = dpo.history
             summary["phases"].append("dpo")
             summary["dpo_final_loss"] = _final_loss(dpo.history)
@@ -148,6 +140,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 f"no preference pairs for {role}: DPO skipped, SFT adapter kept"
             )
             log.warning("train %s: %s", role, summary["skipped_reason"])
+        del result
         (final / "README.md").unlink(missing_ok=True)
         _stable_adapter_config(final / "adapter_config.json")
         (final / "training_summary.json").write_text(
