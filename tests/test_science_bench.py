@@ -1,5 +1,6 @@
-"""bench/science.py --train-from: a test run takes a validation run's trees, labels and adapters
-only when they are what its own recipe would have produced."""
+"""bench/science.py: a thin driver over `malt-ops run` that reports what evaluate wrote; with
+--train-from, a test run takes a validation run's trees, labels and adapters only when they are
+what its own recipe would have produced."""
 
 from __future__ import annotations
 
@@ -80,3 +81,56 @@ def test_train_from_needs_the_source_to_have_finished_training(recipe_file):
         science.reuse_training(recipe, "test", "val")
     with pytest.raises(MaltError, match="names this run itself"):
         science.reuse_training(recipe, "val", "val")
+
+
+def finished_evaluate(recipe, run_id: str, with_comparisons: bool = True) -> dict:
+    """evaluate's outputs for the constructed case of tests/test_evaluate.py, committed."""
+    from malt_ops.comparisons import compare
+    from malt_ops.stages.evaluate import build_report
+    from tests.test_evaluate import constructed_results, rows_of
+
+    results = constructed_results()
+    report = build_report(results, [0, 1], {"untrained": []})
+    report["questions_per_seed"] = 3
+    rows = rows_of(results)
+    if with_comparisons:
+        report["comparisons"] = compare(report, rows, recipe.evaluation.comparisons)
+    out = stage_output(recipe, run_id, "evaluate")
+    out.write_json("report.json", report)
+    out.write_jsonl("per_question.jsonl", rows)
+    out.commit({})
+    return report
+
+
+@pytest.mark.parametrize("with_comparisons", [True, False])
+def test_report_only_prints_evaluates_comparisons(recipe_file, capsys, with_comparisons):
+    """The report is evaluate's: its gains, question-level tests and flips (for a run evaluated
+    before evaluate wrote them, the same computed from per_question.jsonl), and the wall time of
+    the stages that ran, from their manifests."""
+    path = recipe_file(tracking={"enabled": False})
+    recipe = load_recipe(path)
+    prepare.run(recipe, "done")
+    finished_evaluate(recipe, "done", with_comparisons)
+
+    code = science.main(["--recipe", str(path), "--run-id", "done", "--report-only", "--no-append"])
+
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "MALT vs SA: +140.0% relative (100.00 vs 41.67; target ≥ +7%: met)." in printed
+    lines = printed.splitlines()
+    first_p = next(i for i, line in enumerate(lines) if "p (question-level" in line)
+    assert lines[first_p + 2] == "| MALT vs SA | 0.125 | 4 | 1 | 5 | 3/0 | +62.50 |"
+    assert "| malt | 3 | 0 | +3 | 5 |" in printed
+    assert "MALT vs STaR MA+MV: not met" in printed and printed.rstrip().endswith("-> not met.")
+    assert "Wall time per stage: prepare " in printed and ", evaluate " in printed
+
+
+def test_report_only_on_an_unevaluated_run_is_one_line(recipe_file, capsys):
+    path = recipe_file(tracking={"enabled": False})
+    prepare.run(load_recipe(path), "half")
+
+    assert science.main(["--recipe", str(path), "--run-id", "half", "--report-only"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] + "\n" == (
+        "bench/science.py: error: evaluate has not finished for run 'half': run `malt-ops "
+        "evaluate` first\n"
+    )
