@@ -134,3 +134,50 @@ def test_report_only_on_an_unevaluated_run_is_one_line(recipe_file, capsys):
         "bench/science.py: error: evaluate has not finished for run 'half': run `malt-ops "
         "evaluate` first\n"
     )
+
+
+@pytest.mark.slow  # two `malt-ops run`s of the tiny cycle on the real model (minutes)
+@pytest.mark.model
+def test_driver_runs_the_dag_and_a_test_run_reuses_the_validation_training(
+    recipe_file, capsys, tmp_path
+):
+    """The driver runs `malt-ops run` (the DAG's stages, in the DAG's order) and reports
+    evaluate's comparisons; --train-from copies sample, label and train, which the test run's
+    DAG then skips (their manifests are the validation run's, byte for byte)."""
+    from tests.test_run import FORCED, TINY
+
+    path = recipe_file(tracking={"experiment": "science-driver", "model_prefix": "sci-driver"})
+    sets = [a for o in (*TINY, *FORCED) for a in ("--set", o)]
+    assert science.main(["--recipe", str(path), "--run-id", "val", "--no-append", *sets]) == 0
+    first = capsys.readouterr().out
+    assert "MALT vs SA: " in first and "| MALT vs SA |" in first
+    order = first[first.index("Wall time per stage: ") :].split(";")[0]
+    stages = [part.strip().split(" ")[0] for part in order.split(":", 1)[1].split(",")]
+    assert stages == ["prepare", "sample", "label", "train", "evaluate", "register", "promote"]
+
+    test_sets = [*sets, "--set", "evaluation.seeds=[2, 3]"]  # only what is evaluated differs
+    code = science.main(
+        [
+            "--recipe",
+            str(path),
+            "--run-id",
+            "test",
+            "--train-from",
+            "val",
+            "--no-append",
+            *test_sets,
+        ]
+    )
+    assert code == 0
+    second = capsys.readouterr().out
+    assert "sample, label, train were taken from run `val`" in second
+    recipe = load_recipe(path, [o for o in (*TINY, *FORCED)])
+    store = stage_output(recipe, "val", "prepare").store
+    for stage in science.REUSABLE_STAGES:
+        manifests = [k for k in store.list(f"runs/val/{stage}/") if science.is_manifest(k)]
+        assert manifests
+        for key in manifests:
+            mine = key.replace("runs/val/", "runs/test/", 1)
+            assert store.read_bytes(mine) == store.read_bytes(key), f"{mine} was made again"
+    report = store.read_json("runs/test/evaluate/report.json")
+    assert report["settings"][0]["seeds"] == [2, 3] and "comparisons" in report
