@@ -80,16 +80,18 @@ def compare_one(
     }
 
 
-def flips(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per system: the refiner's wrong->right and right->wrong changes over its chains."""
-    return {
-        system: {
+def flips(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per system, in the report's order (a list, so report.json keeps it): the refiner's
+    wrong->right and right->wrong changes over the system's chains."""
+    return [
+        {
+            "system": system,
             **counts,
             "net": counts["wrong_to_right"] - counts["right_to_wrong"],
             "more_fixed_than_broken": counts["wrong_to_right"] > counts["right_to_wrong"],
         }
         for system, counts in report["flips"].items()
-    }
+    ]
 
 
 def compare(
@@ -123,8 +125,8 @@ def metrics(section: dict[str, Any]) -> dict[str, float]:
             values[f"{prefix}.{key}"] = t["test"][key]
         values[f"{prefix}.wins"] = t["test"]["wins"]
         values[f"{prefix}.losses"] = t["test"]["losses"]
-    for system, counts in section["flips"].items():
-        values[f"flips.{system}.net"] = counts["net"]
+    for counts in section["flips"]:
+        values[f"flips.{counts['system']}.net"] = counts["net"]
     return values
 
 
@@ -167,9 +169,9 @@ def format_comparisons(section: dict[str, Any]) -> str:
         "| system | wrong→right | right→wrong | net | chains |",
         "|---|---|---|---|---|",
     ]
-    for system, f in section["flips"].items():
+    for f in section["flips"]:
         lines.append(
-            f"| {system} | {f['wrong_to_right']} | {f['right_to_wrong']} | {f['net']:+d} | "
+            f"| {f['system']} | {f['wrong_to_right']} | {f['right_to_wrong']} | {f['net']:+d} | "
             f"{f['chains']} |"
         )
     lines += ["", f"Comparison targets: {'met' if section['target_met'] else 'not met'}."]
