@@ -1,29 +1,26 @@
-"""Science benchmark: a full MALT cycle, then the paper's Table 1 rows for this setting.
+"""Science benchmark: a recipe's whole MALT cycle through `malt-ops run`, then its report.
 
-Runs prepare -> sample -> label -> train (generator, verifier, refiner, star) -> evaluate
-for a recipe through the stage commands the DAG runs (each skips when its manifest exists,
-so a rerun with the same --run-id resumes or only reports), then reads evaluate/report.json
-and per_question.jsonl from the store and reports:
+The driver runs the pipeline as a user does and reads what it wrote; it knows nothing of the
+stage order (that is the DAG's, in dags/):
 
-- the Table 1 rows (SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV, MALT), mean ± std
-  over the evaluation seeds;
-- the relative gain of MALT over SA;
-- paired one-sided tests of MALT against SA, MA+MV, STaR SA+MV and STaR MA+MV: each
-  question's correctness averaged over the seeds that drew it, the per-question differences
-  tested with the exact sign-flip permutation test (the question is the unit, not the item);
-- turn-wise accuracy (after G, V, R) and answer flips per system;
-- wall time per stage.
-
-The report is printed, appended to bench/RESULTS.md (unless --no-append) and logged to
-MLflow as a nested run ``bench[science]`` under the pipeline's parent run.
+1. `malt-ops run --recipe R --run-id ID [--set k=v ...]`: the DAG, in-process under Airflow.
+   Every stage skips itself when its manifest exists, so a rerun with the same --run-id
+   resumes an interrupted cycle, or only reports on a finished one.
+2. evaluate's report.json from the store: the Table 1 rows (mean ± std over the evaluation
+   seeds), the paired comparisons of ``evaluation.comparisons`` (relative gains, question-level
+   sign-flip tests, answer flips: malt_ops.comparisons, the same numbers evaluate writes into
+   table.md and MLflow), turn-wise accuracy, the label summary and the wall time of every
+   stage from its manifests. Printed, and appended to bench/RESULTS.md unless --no-append.
 
     python bench/science.py --recipe recipes/science-validation.yaml --run-id sci-val \\
-        [--set key=value ...] [--stages prepare,sample,label,train,evaluate | none] [--no-append]
+        [--set key=value ...] [--report-only] [--no-append] [--estimate]
 
 The validation and test recipes differ only in what is evaluated, so the test run can take
 its trees, labels and adapters from the finished validation run (``--train-from sci-val``):
-the training questions must be byte-identical and the model, inference, sampling, labeling
-and training sections equal to the ones the source run logged to MLflow, else it refuses.
+its own prepare runs first (`malt-ops prepare`), the training questions must be
+byte-identical and the model, inference, sampling, labeling and training sections equal to
+the ones the source run logged to MLflow, else it refuses; the sample, label and train
+outputs are then copied in and `malt-ops run` skips those stages.
 """
 
 from __future__ import annotations
@@ -32,27 +29,22 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from common import report as print_report
 from common import table
 
+from malt_ops.comparisons import compare, format_comparisons
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
-from malt_ops.evaluation import setting_key
-from malt_ops.significance import paired_by_question
 from malt_ops.stages.common import require_done, stage_output
 from malt_ops.storage import iter_jsonl, run_prefix, validate_run_id
 
-STAGES = ("prepare", "sample", "label", "train", "evaluate")
-TARGET_GAIN = 0.07
-"""MALT must beat SA by at least this much, relative."""
-COMPARISONS = ("SA", "MA+MV", "STaR SA+MV", "STaR MA+MV")
-"""References MALT is tested against (paired, one-sided)."""
 REUSABLE_STAGES = ("sample", "label", "train")
+"""What --train-from copies from the source run (the stages the training side decides)."""
 TRAINING_SIDE = ("model.", "inference.", "sampling.", "labeling.", "training.")
 """Recipe sections that decide the trees, labels and adapters (with the training questions)."""
 
@@ -85,39 +77,17 @@ def estimate(recipe: Recipe) -> dict[str, float]:
             train += dpo * SECONDS_PER_DPO_STEP + SECONDS_PER_MODEL_LOAD
     chains = len(ev.seeds) * ev.subset_size * ev.votes
     evaluate = 3 * chains * 3 * SECONDS_PER_EVAL_SEQUENCE + SECONDS_PER_MODEL_LOAD
-    return {"prepare": 10.0, "sample": sample, "label": 5.0, "train": train, "evaluate": evaluate}
-
-
-def stage_commands(recipe: Recipe, stage: str) -> list[list[str]]:
-    """The `malt-ops` argument lists of one stage (sample per shard, train per role)."""
-    if stage == "sample":
-        return [
-            ["sample", "--shard", str(k), "--num-shards", str(recipe.sampling.num_shards)]
-            for k in range(recipe.sampling.num_shards)
-        ]
-    if stage == "train":
-        return [["train", "--role", role] for role in TRAINED]
-    return [[stage]]
-
-
-def run_cycle(
-    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str, stages: list[str]
-) -> dict[str, float]:
-    """Run the chosen stages in order (finished ones skip themselves); wall seconds per stage."""
-    from malt_ops.cli import run_stage
-
-    common = ["--recipe", recipe_path, "--run-id", run_id]
-    for override in overrides:
-        common += ["--set", override]
-    seconds: dict[str, float] = {}
-    for stage in stages:
-        started = time.perf_counter()
-        for command in stage_commands(recipe, stage):
-            print(f"== malt-ops {' '.join(command)} (run {run_id})", flush=True)
-            head, *rest = command
-            run_stage([head, *common, *rest])
-        seconds[stage] = time.perf_counter() - started
-    return seconds
+    # promote without a champion reads evaluate's results; a champion the evaluation cache
+    # lacks costs one more system's evaluation (a third of evaluate), not counted here
+    return {
+        "prepare": 10.0,
+        "sample": sample,
+        "label": 5.0,
+        "train": train,
+        "evaluate": evaluate,
+        "register": 5.0,
+        "promote": 5.0,
+    }
 
 
 def logged_recipe(recipe: Recipe, run_id: str) -> dict[str, str]:
@@ -160,6 +130,23 @@ def stage_seconds(store: Any, run_id: str, stage: str) -> float:
         manifest = store.read_json(key)
         total += manifest["finished_at"] - manifest["started_at"]
     return total
+
+
+def run_seconds(store: Any, run_id: str) -> dict[str, float]:
+    """Wall seconds per finished stage of a run, in the order the stages started.
+
+    Read from the manifests the DAG's stages left, so the stage order here is the DAG's (the
+    one in dags/), whichever stages ran in this invocation and whichever were reused.
+    """
+    prefix = run_prefix(run_id, "")
+    started: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for key in filter(is_manifest, store.list(prefix)):
+        stage = key[len(prefix) :].split("/", 1)[0]
+        manifest = store.read_json(key)
+        started[stage] = min(started.get(stage, manifest["started_at"]), manifest["started_at"])
+        seconds[stage] = seconds.get(stage, 0.0) + manifest["finished_at"] - manifest["started_at"]
+    return {stage: seconds[stage] for stage in sorted(seconds, key=started.__getitem__)}
 
 
 def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]:
@@ -206,53 +193,36 @@ def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]
     return seconds
 
 
-def correctness(per_question: list[dict[str, Any]], setting: str) -> dict[tuple, bool]:
-    """(seed, question id) -> correct, for one Table 1 setting."""
-    system, key = setting_key(setting)
-    return {
-        (q["seed"], q["question_id"]): bool(q[key]) for q in per_question if q["system"] == system
-    }
+def malt_ops(command: str, recipe_path: str, run_id: str, overrides: list[str]) -> None:
+    """`malt-ops COMMAND --recipe R --run-id ID --set ...` in a fresh process, as a user runs it."""
+    arguments = [command, "--recipe", recipe_path, "--run-id", run_id]
+    for override in overrides:
+        arguments += ["--set", override]
+    print(f"== malt-ops {' '.join(arguments)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "malt_ops.cli", *arguments], check=False)
+    if done.returncode != 0:
+        raise MaltError(
+            f"malt-ops {command} exited with {done.returncode} (its error is above); rerun the "
+            "same command to resume: finished stages are skipped"
+        )
 
 
-def paired_tests(per_question: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """MALT against each reference: per-question sign-flip test (malt_ops.significance)."""
-    malt = correctness(per_question, "MALT")
-    return [
-        {
-            "reference": reference,
-            **paired_by_question(malt, correctness(per_question, reference)).as_dict(),
-        }
-        for reference in COMPARISONS
-    ]
-
-
-def summarize(report: dict[str, Any], per_question: list[dict[str, Any]]) -> dict[str, Any]:
-    by_name = {s["setting"]: s for s in report["settings"]}
-    sa, malt = by_name["SA"]["mean"], by_name["MALT"]["mean"]
-    gain = (malt - sa) / sa if sa > 0 else float("inf") if malt > 0 else 0.0
-    tests = paired_tests(per_question)
-    beats = {
-        t["reference"]: by_name["MALT"]["mean"] > by_name[t["reference"]]["mean"] for t in tests
-    }
-    return {
-        "relative_gain_vs_sa": gain,
-        "tests": tests,
-        "beats": beats,
-        "target_met": gain >= TARGET_GAIN
-        and beats["MA+MV"]
-        and beats["STaR SA+MV"]
-        and beats["STaR MA+MV"],
-    }
+def comparisons_of(recipe: Recipe, report: dict[str, Any], evaluated: Any) -> dict[str, Any]:
+    """evaluate's comparisons; for a run evaluated before evaluate wrote them, computed the
+    same way from its per_question.jsonl."""
+    if "comparisons" in report:
+        return report["comparisons"]
+    rows = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
+    return compare(report, rows, recipe.evaluation.comparisons)
 
 
 def format_body(
     recipe: Recipe,
     run_id: str,
     report: dict[str, Any],
-    summary: dict[str, Any],
     seconds: dict[str, float],
     labels: dict[str, Any] | None,
-    reused: tuple[str, dict[str, float], dict[str, float]] | None = None,
+    reused: str | None = None,
 ) -> str:
     data = recipe.data
     task = f"{data.benchmark}" + (
@@ -284,66 +254,11 @@ def format_body(
             f"in {repeats['items']} items (up to {repeats['max_repeats']} times each).",
             "",
         ]
-    gain = summary["relative_gain_vs_sa"]
-    lines.append(f"MALT vs SA: {gain * 100:+.1f}% relative (target ≥ +{TARGET_GAIN * 100:.0f}%).")
-    lines.append("")
-    test_rows = [
-        [
-            f"MALT vs {t['reference']}",
-            t["questions"],
-            t["repeated_questions"],
-            t["items"],
-            f"{t['wins']}/{t['losses']}",
-            f"{t['effect'] * 100:+.2f}",
-            f"{t['p_value']:.3g}",
-        ]
-        for t in summary["tests"]
+    lines += [format_comparisons(report["comparisons"]), ""]
+    turn_rows = [
+        [system, *(f"{t * 100:.1f}" for t in turns)] for system, turns in report["turnwise"].items()
     ]
-    lines += [
-        table(
-            [
-                "paired test",
-                "questions",
-                "under several seeds",
-                "items",
-                "wins/losses (questions)",
-                "Δ points",
-                "p sign-flip",
-            ],
-            test_rows,
-        ),
-        "",
-        "The unit is the question: its correctness is averaged over the seeds that drew it; "
-        "p-values are exact, one-sided (MALT better).",
-        "",
-    ]
-    turn_rows = []
-    for system, turns in report["turnwise"].items():
-        flips = report["flips"][system]
-        turn_rows.append(
-            [
-                system,
-                *(f"{t * 100:.1f}" for t in turns),
-                flips["wrong_to_right"],
-                flips["right_to_wrong"],
-                flips["chains"],
-            ]
-        )
-    lines += [
-        table(
-            [
-                "system",
-                "after G %",
-                "after V %",
-                "after R %",
-                "wrong→right",
-                "right→wrong",
-                "chains",
-            ],
-            turn_rows,
-        ),
-        "",
-    ]
+    lines += [table(["system", "after G %", "after V %", "after R %"], turn_rows), ""]
     if report.get("untrained"):
         lines += [f"Untrained (base model used): {', '.join(report['untrained'])}.", ""]
     if labels and "roles" in labels:
@@ -357,56 +272,30 @@ def format_body(
             f"STaR {labels['star']['positives']} positives.",
             "",
         ]
-    if seconds:
-        total = sum(seconds.values())
+    # the manifests' times, so a report-only rerun gives the same total
+    copied = {k: v for k, v in seconds.items() if reused and k in REUSABLE_STAGES}
+    own = {k: v for k, v in seconds.items() if k not in copied}
+    if own:
         lines.append(
-            "Wall time this invocation: "
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
-            + f"; total {total / 60:.1f} min."
+            "Wall time per stage: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in own.items())
+            + f"; the whole cycle {sum(seconds.values()) / 60:.1f} min."
         )
-    if reused:
-        # the manifests' times, so a report-only rerun gives the same total
-        source, source_seconds, own_seconds = reused
-        cycle = {**own_seconds, **source_seconds}
+    if copied:
         lines += [
             "",
-            f"Sample, label and train were taken from run `{source}` (same training questions, "
-            "same training-side recipe, checked): "
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in source_seconds.items())
-            + f" there; the whole cycle {sum(cycle.values()) / 60:.1f} min.",
+            f"{', '.join(copied)} were taken from run `{reused}` (same training questions, same "
+            "training-side recipe, checked): "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in copied.items())
+            + " there, counted in the whole cycle.",
         ]
     return "\n".join(lines).rstrip()
 
 
-def verdict(summary: dict[str, Any]) -> str:
-    beats = summary["beats"]
-    parts = [
-        f"MALT ≥ SA +{TARGET_GAIN * 100:.0f}% relative: "
-        + ("met" if summary["relative_gain_vs_sa"] >= TARGET_GAIN else "not met"),
-        *(f"beats {ref}: {'yes' if beats[ref] else 'no'}" for ref in COMPARISONS[1:]),
-    ]
-    return "Target: " + "; ".join(parts) + (" -> met." if summary["target_met"] else " -> not met.")
-
-
-def log_to_mlflow(
-    recipe: Recipe, run_id: str, report: dict, summary: dict, body: str, seconds: dict
-) -> None:
-    from malt_ops.tracking import log_stage
-
-    metrics: dict[str, float] = {
-        f"{s['setting']}.{stat}": s[stat] for s in report["settings"] for stat in ("mean", "std")
-    }
-    metrics["relative_gain_vs_SA"] = summary["relative_gain_vs_sa"]
-    metrics["target_met"] = float(summary["target_met"])
-    for t in summary["tests"]:
-        for key in ("effect", "p_value", "questions"):
-            metrics[f"MALT_vs_{t['reference']}.{key}"] = t[key]
-    metrics |= {f"wall_seconds.{stage}": value for stage, value in seconds.items()}
-    artifacts = {
-        "science.md": body.encode(),
-        "science.json": json.dumps({"summary": summary, "seconds": seconds}, indent=2).encode(),
-    }
-    log_stage(recipe, run_id, "bench", "science", metrics=metrics, artifacts=artifacts)
+def verdict(comparisons: dict[str, Any]) -> str:
+    parts = [f"{t['name']}: {'met' if t['met'] else 'not met'}" for t in comparisons["tests"]]
+    met = " -> met." if comparisons["target_met"] else " -> not met."
+    return "Target: " + "; ".join(parts) + met
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,10 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--stages",
-        default=",".join(STAGES),
-        help="comma-separated stages to run before reporting, or 'none' to report on a "
-        "finished run (finished stages skip themselves anyway)",
+        "--report-only",
+        action="store_true",
+        help="report on a finished run without starting `malt-ops run`",
     )
     parser.add_argument("--no-append", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument(
@@ -437,10 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    stages = [] if args.stages == "none" else [s.strip() for s in args.stages.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"--stages: unknown {unknown}; choose from {', '.join(STAGES)} or 'none'")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.estimate:
@@ -450,41 +334,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'total':<9} {sum(predicted.values()) / 60:6.1f} min")
             return 0
         run_id = validate_run_id(args.run_id)
-        reused = None
-        if args.train_from:
-            # this run's own questions first: the check compares its training questions
-            first = [s for s in stages if s == "prepare"]
-            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, first)
-            source_seconds = reuse_training(recipe, run_id, args.train_from)
+        if not args.report_only:
+            if args.train_from:
+                # this run's own questions first: the check compares its training questions
+                malt_ops("prepare", args.recipe, run_id, args.overrides)
+                reuse_training(recipe, run_id, args.train_from)
             # copied units skip themselves; a shard or role the source never finished runs here
-            rest = [s for s in stages if s != "prepare"]
-            seconds |= run_cycle(recipe, args.recipe, args.overrides, run_id, rest)
-        else:
-            seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
+            malt_ops("run", args.recipe, run_id, args.overrides)
         evaluated = require_done(recipe, run_id, "evaluate")
         report = evaluated.store.read_json(evaluated.key("report.json"))
-        per_question = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
+        report["comparisons"] = comparisons_of(recipe, report, evaluated)
         labeled = stage_output(recipe, run_id, "label")
         labels = labeled.manifest().get("summary") if labeled.done() else None
-        if args.train_from:
-            own = {s: stage_seconds(evaluated.store, run_id, s) for s in ("prepare", "evaluate")}
-            reused = (args.train_from, source_seconds, own)
+        seconds = run_seconds(evaluated.store, run_id)
     except MaltError as exc:
         print(f"bench/science.py: error: {exc}", file=sys.stderr)
         return 2
-    summary = summarize(report, per_question)
-    body = format_body(recipe, run_id, report, summary, seconds, labels, reused)
+    body = format_body(recipe, run_id, report, seconds, labels, args.train_from)
     print_report(
         f"bench/science.py ({Path(args.recipe).name})",
         body,
-        verdict(summary),
+        verdict(report["comparisons"]),
         append=not args.no_append,
     )
-    if recipe.tracking.enabled:
-        log_to_mlflow(recipe, run_id, report, summary, body, seconds)
-        from malt_ops.tracking import finish_pipeline
-
-        finish_pipeline(recipe, run_id)  # the cycle has ended: its parent run is not running
     return 0
 
 

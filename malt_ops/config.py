@@ -389,6 +389,44 @@ class TrainingConfig(_Section):
     """The STaR baseline: the generator SFT'd on its own correct single-agent samples."""
 
 
+class Comparison(_Section):
+    """One paired comparison that evaluate reports: a challenger setting against a reference."""
+
+    challenger: str = "MALT"
+    reference: str
+    min_gain: float = 0.0
+    """The target: the challenger's mean accuracy must beat the reference's and be at least
+    this much higher relative to it (0.07: +7% relative)."""
+    alpha: float | None = Field(default=None, gt=0, le=1)
+    """Also require the question-level one-sided p-value below this; null: no p-value target."""
+
+    @field_validator("challenger", "reference")
+    @classmethod
+    def _table1_setting(cls, value: str) -> str:
+        if value not in SETTING_NAMES:
+            raise ValueError(
+                f"'{value}' is not a Table 1 setting (one of {', '.join(SETTING_NAMES)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _two_settings(self) -> Comparison:
+        if self.challenger == self.reference:
+            raise ValueError(f"compares '{self.reference}' with itself: pick another reference")
+        return self
+
+
+def _default_comparisons() -> list[Comparison]:
+    # The paper's claim: MALT beats single-agent answering by a margin, and beats majority
+    # voting and the STaR baseline (the generator's SFT alone) outright.
+    return [
+        Comparison(reference="SA", min_gain=0.07),
+        Comparison(reference="MA+MV"),
+        Comparison(reference="STaR SA+MV"),
+        Comparison(reference="STaR MA+MV"),
+    ]
+
+
 class EvaluationConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     subset_size: int = Field(default=100, gt=0)
@@ -399,6 +437,19 @@ class EvaluationConfig(_Section):
     temperature: float = Field(default=0.3, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
+    comparisons: list[Comparison] = Field(default_factory=_default_comparisons)
+    """Paired tests evaluate reports (report.json "comparisons", table.md, MLflow): per
+    question, seeds averaged (malt_ops.comparisons). The run meets its target when every
+    comparison meets its own. Promotion keeps its own gate (the promotion section)."""
+
+    @field_validator("comparisons")
+    @classmethod
+    def _distinct(cls, value: list[Comparison]) -> list[Comparison]:
+        pairs = [(c.challenger, c.reference) for c in value]
+        repeated = sorted({f"{a} vs {b}" for a, b in pairs if pairs.count((a, b)) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return value
 
 
 class ScheduleConfig(_Section):

@@ -104,7 +104,8 @@ def settings_part(recipe: Recipe) -> dict[str, Any]:
         inference.pop("vllm", None)  # engine options of a backend that is not used
     modules = (*RESULT_MODULES, BACKEND_MODULES[backend])
     return {
-        "evaluation": recipe.evaluation.model_dump(mode="json"),
+        # The comparisons only read the results (malt_ops.comparisons): a new list reuses them.
+        "evaluation": recipe.evaluation.model_dump(mode="json", exclude={"comparisons"}),
         "benchmark": recipe.data.benchmark,
         "model": recipe.model.model_dump(mode="json"),
         "inference": inference,

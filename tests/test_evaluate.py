@@ -227,3 +227,246 @@ def test_trained_adapters_load_under_any_run_id(run_id, recipe_file, model_dir, 
     names = {systems["malt"][role] for role in ("generator", "verifier", "refiner")}
     assert len(names) == 3 and set(backend.adapters) == names | {systems["star"]["generator"]}
     assert all("." not in name for name in backend.adapters)
+
+
+# ------------------------------------------------------------------ paired comparisons
+
+
+def scored(generator, refiner, *, fixed=0, broken=0):
+    """One question's score_question record with the given outcomes (every vote alike)."""
+    return {
+        "generator": generator,
+        "generator_mv": generator,
+        "refiner": refiner,
+        "refiner_mv": refiner,
+        "turns": [float(generator), float(generator), float(refiner)],
+        "wrong_to_right": fixed,
+        "right_to_wrong": broken,
+        "chains": 1,
+        "tokens": dict.fromkeys(("generator", "generator_mv", "refiner", "refiner_mv"), 1),
+    }
+
+
+def constructed_results() -> dict[str, dict[int, list[dict]]]:
+    """Seed 0 draws q1, q2, q3 and seed 1 draws q1 (again) and q4. MALT is right everywhere;
+    the base generator (SA) is wrong on q1 under seed 0 only, on q2 and on q4, right on q3."""
+    ids = {0: ["q1", "q2", "q3"], 1: ["q1", "q4"]}
+    sa = {0: [False, False, True], 1: [True, False]}
+
+    def system(rows):
+        return {
+            seed: [{"question_id": q, **r} for q, r in zip(ids[seed], rows[seed], strict=True)]
+            for seed in ids
+        }
+
+    return {
+        "base": system({s: [scored(ok, ok) for ok in sa[s]] for s in ids}),
+        "star": system({s: [scored(True, True)] * len(ids[s]) for s in ids}),
+        "malt": system({s: [scored(ok, True, fixed=int(not ok)) for ok in sa[s]] for s in ids}),
+    }
+
+
+def rows_of(results):
+    return [
+        {"system": system, "seed": seed, **q}
+        for system, by_seed in results.items()
+        for seed, questions in by_seed.items()
+        for q in questions
+    ]
+
+
+def test_comparisons_on_a_constructed_case():
+    from malt_ops.comparisons import compare, correctness, format_comparisons
+    from malt_ops.config import Comparison, EvaluationConfig
+    from malt_ops.significance import paired_by_question
+
+    results = constructed_results()
+    report = build_report(results, [0, 1], {})
+    rows = rows_of(results)
+    section = compare(report, rows, EvaluationConfig().comparisons)
+
+    by_name = {t["name"]: t for t in section["tests"]}
+    assert list(by_name) == [
+        "MALT vs SA",
+        "MALT vs MA+MV",
+        "MALT vs STaR SA+MV",
+        "MALT vs STaR MA+MV",
+    ]
+    sa = by_name["MALT vs SA"]
+    # SA: 1/3 under seed 0, 1/2 under seed 1 -> mean 5/12; MALT 1 -> gain (1 - 5/12) / (5/12).
+    assert sa["reference_mean"] == pytest.approx(5 / 12) and sa["relative_gain"] == pytest.approx(
+        1.4
+    )
+    # Per question MALT - SA: q1 1/2 (the seeds averaged), q2 1, q3 0, q4 1. Three nonzero
+    # differences, all positive: 1 of the 2^3 sign patterns reaches the observed sum.
+    assert sa["test"] == {
+        "questions": 4,
+        "repeated_questions": 1,
+        "items": 5,
+        "wins": 3,
+        "losses": 0,
+        "challenger_accuracy": 1.0,
+        "reference_accuracy": pytest.approx(0.375),
+        "effect": pytest.approx(0.625),
+        "p_value": pytest.approx(1 / 8),
+    }
+    assert sa["met"]  # +140% >= +7%, and no p-value target by default
+    direct = paired_by_question(correctness(rows, "MALT"), correctness(rows, "SA")).as_dict()
+    assert sa["test"] == direct
+    # STaR is as good as MALT everywhere: nothing to win, so the target is missed.
+    star = by_name["MALT vs STaR MA+MV"]
+    assert star["test"]["p_value"] == 1.0 and star["relative_gain"] == 0.0 and not star["met"]
+    assert not section["target_met"]
+    assert [f["system"] for f in section["flips"]] == ["base", "star", "malt"]
+    assert section["flips"][2] == {
+        "system": "malt",
+        "wrong_to_right": 3,
+        "right_to_wrong": 0,
+        "chains": 5,
+        "net": 3,
+        "more_fixed_than_broken": True,
+    }
+
+    # A p-value target: 1/8 is not below 0.05, though the gain is large.
+    strict = compare(report, rows, [Comparison(reference="SA", min_gain=0.07, alpha=0.05)])
+    assert not strict["tests"][0]["met"] and not strict["target_met"]
+    assert compare(report, rows, [Comparison(reference="SA", alpha=0.2)])["target_met"]
+
+    text = format_comparisons(section)
+    assert text.splitlines()[0].startswith("MALT vs SA: +140.0% relative")
+    assert "| MALT vs SA | 0.125 | 4 | 1 | 5 | 3/0 | +62.50 |" in text
+    assert "| malt | 3 | 0 | +3 | 5 |" in text
+
+
+def test_comparisons_refuse_duplicated_items():
+    from malt_ops.comparisons import correctness
+    from malt_ops.errors import MaltError
+
+    rows = rows_of(constructed_results())
+    with pytest.raises(MaltError, match="lists malt seed 0 question q1 twice"):
+        correctness([*rows, rows[-1] | {"seed": 0, "question_id": "q1"}], "MALT")
+
+
+def test_comparisons_in_the_recipe(recipe_file):
+    from malt_ops.config import load_recipe
+    from malt_ops.errors import MaltError
+
+    default = load_recipe(recipe_file()).evaluation.comparisons
+    assert [(c.challenger, c.reference, c.min_gain) for c in default] == [
+        ("MALT", "SA", 0.07),
+        ("MALT", "MA+MV", 0.0),
+        ("MALT", "STaR SA+MV", 0.0),
+        ("MALT", "STaR MA+MV", 0.0),
+    ]
+    mine = load_recipe(
+        recipe_file(),
+        ["evaluation.comparisons=[{challenger: MALT w/o MV, reference: STaR SA, alpha: 0.05}]"],
+    ).evaluation.comparisons
+    assert [(c.challenger, c.reference, c.alpha) for c in mine] == [
+        ("MALT w/o MV", "STaR SA", 0.05)
+    ]
+    for bad, message in [
+        ("[{reference: SB}]", "'SB' is not a Table 1 setting"),
+        ("[{reference: MALT}]", "compares 'MALT' with itself"),
+        ("[{reference: SA}, {reference: SA}]", "listed more than once: MALT vs SA"),
+    ]:
+        with pytest.raises(MaltError, match=message):
+            load_recipe(recipe_file(), [f"evaluation.comparisons={bad}"])
+
+
+@pytest.mark.model
+def test_evaluate_writes_and_logs_the_comparisons(
+    recipe_file, hf_backend, model_dir, mlflow_server, monkeypatch, tmp_path
+):
+    """A real evaluate (base model, a random LoRA as every trained adapter): report.json and
+    table.md hold the comparisons that per_question.jsonl gives through the significance
+    module directly, and MLflow has them as metrics."""
+    from mlflow import MlflowClient
+
+    from malt_ops.comparisons import correctness, format_comparisons
+    from malt_ops.config import TRAINED, load_recipe
+    from malt_ops.significance import paired_by_question
+    from malt_ops.stages import evaluate, prepare
+    from malt_ops.stages.common import stage_output
+    from malt_ops.stages.train import adapter_key
+    from malt_ops.storage import iter_jsonl
+    from malt_ops.tracking import metric_name
+    from tests.conftest import random_lora
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    experiment = f"compare-{tmp_path.name[-12:]}"
+    recipe = load_recipe(
+        recipe_file(tracking={"experiment": experiment}),
+        [
+            "data.test_size=3",  # 2 seeds x 2 questions from 3: one question under both seeds
+            "evaluation.seeds=[0, 1]",
+            "evaluation.subset_size=2",
+            "evaluation.votes=2",
+            "evaluation.max_new_tokens={generator: 12, verifier: 12, refiner: 12}",
+            # one-digit sums, which the small model sometimes gets right in a few tokens
+            "data.task_config={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, "
+            "operators: ['+'], allow_negation: false, allow_parentheses: false}",
+            "inference.batch_size=16",  # the hf_backend fixture's
+        ],
+    )
+    run_id = "compare-stage"
+    prepare.run(recipe, run_id)
+    lora = random_lora(model_dir, tmp_path / "lora")
+    store = stage_output(recipe, run_id, "train").store
+    for trained in TRAINED:
+        for file in lora.iterdir():
+            store.write_bytes(f"{adapter_key(run_id, trained)}/{file.name}", file.read_bytes())
+
+    evaluate.run(recipe, run_id, backend=hf_backend)
+
+    out = stage_output(recipe, run_id, "evaluate")
+    report = out.store.read_json(out.key("report.json"))
+    rows = list(iter_jsonl(out.store, out.key("per_question.jsonl")))
+    section = report["comparisons"]
+    means = {s["setting"]: s["mean"] for s in report["settings"]}
+    assert [t["name"] for t in section["tests"]] == [
+        "MALT vs SA",
+        "MALT vs MA+MV",
+        "MALT vs STaR SA+MV",
+        "MALT vs STaR MA+MV",
+    ]
+    for t in section["tests"]:
+        direct = paired_by_question(
+            correctness(rows, t["challenger"]), correctness(rows, t["reference"])
+        )
+        assert t["test"] == pytest.approx(direct.as_dict())
+        assert (t["test"]["questions"], t["test"]["repeated_questions"], t["test"]["items"]) == (
+            3,
+            1,
+            4,
+        )
+        reference = means[t["reference"]]
+        if reference > 0:
+            assert t["relative_gain"] == pytest.approx((means["MALT"] - reference) / reference)
+    flips = {f["system"]: f for f in section["flips"]}
+    malt_rows = [r for r in rows if r["system"] == "malt"]
+    assert flips["malt"]["wrong_to_right"] == sum(r["wrong_to_right"] for r in malt_rows)
+    assert flips["malt"]["right_to_wrong"] == sum(r["right_to_wrong"] for r in malt_rows)
+    assert flips["malt"]["chains"] == 2 * 4
+
+    table = out.store.read_text(out.key("table.md"))
+    assert format_comparisons(section) in table
+    assert "| MALT vs SA |" in table and "| malt |" in table
+
+    client = MlflowClient(mlflow_server["url"])
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"tags.`malt_ops.run_id` = '{run_id}' and tags.`malt_ops.stage` = 'evaluate'",
+    )
+    logged = found[0].data.metrics
+    for t in section["tests"]:
+        prefix = f"{t['challenger']}_vs_{t['reference']}"
+        assert logged[metric_name(f"{prefix}.p_value")] == pytest.approx(t["test"]["p_value"])
+        assert logged[metric_name(f"{prefix}.effect")] == pytest.approx(t["test"]["effect"])
+        assert logged[metric_name(f"{prefix}.questions")] == 3
+        if t["relative_gain"] is not None:
+            assert logged[metric_name(f"{prefix}.relative_gain")] == pytest.approx(
+                t["relative_gain"]
+            )
+    assert logged["comparisons.target_met"] == float(section["target_met"])
+    assert logged["flips.malt.net"] == flips["malt"]["net"]

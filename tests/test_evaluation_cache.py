@@ -206,8 +206,14 @@ def test_every_key_family_changes_the_key(model_dir, tmp_path):
         assert new.digest != old.digest, f"{what} does not change the key"
     family = changed["base model content"]
     assert family[0].parts["settings"] == family[1].parts["settings"]  # only the hash moved
-    # What cannot change a result leaves the key alone: the gate and the store's place.
-    unrelated = tiny(store, "promotion.alpha=0.1", "training.seed=3")
+    # What cannot change a result leaves the key alone: the gate, the comparisons evaluate
+    # reports on the results, and the store's place.
+    unrelated = tiny(
+        store,
+        "promotion.alpha=0.1",
+        "training.seed=3",
+        "evaluation.comparisons=[{reference: SA, alpha: 0.01}]",
+    )
     assert evaluation_key(unrelated, digests, QUESTIONS).digest == base.digest
 
 

@@ -169,6 +169,10 @@ def test_report_has_all_ten_settings(finished_run):
         )
         assert 0.0 <= setting["mean"] <= 1.0
     assert set(report["turnwise"]) == {"base", "star", "malt"}
+    # the comparisons are part of every run's report, and of what `malt-ops run` prints
+    assert report["comparisons"]["tests"][0]["name"] == "MALT vs SA"
+    assert report["comparisons"]["tests"][0]["test"]["questions"] == 6  # 2 seeds x 3, disjoint
+    assert "| MALT vs SA |" in finished_run["done"].stdout
     assert (
         "| MALT |" in finished_run["done"].stdout
         and "outputs in s3://" in finished_run["done"].stdout
@@ -195,6 +199,9 @@ def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_se
     assert parent.info.status == "FINISHED" and parent.data.params["sampling.n"] == "2"
     evaluate = by_stage["evaluate"]
     assert {"MALT.mean", "MALT.std", "SA.mean", "MA_MV.mean"} <= set(evaluate.data.metrics)
+    assert {"MALT_vs_SA.p_value", "MALT_vs_SA.effect", "comparisons.target_met"} <= set(
+        evaluate.data.metrics
+    )
     assert "leaf_accuracy" in by_stage["sampleshard-0"].data.metrics
     assert "refiner.pairs" in by_stage["label"].data.metrics
     history = client.get_metric_history(by_stage["trainrefiner"].info.run_id, "sft_loss")

@@ -5,6 +5,8 @@ base (untrained, role prompts), STaR (the STaR generator adapter in every role) 
 MALT (the trained role adapters). From the same chains:
 SA = the first chain's generator answer, SA+MV = majority vote of the generator answers,
 MA = the first chain's refiner answer, MA+MV = majority vote of the refiner answers.
+Then the paired comparisons of ``evaluation.comparisons`` (malt_ops.comparisons): relative
+gains, question-level tests and answer flips, in report.json, table.md and MLflow metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from malt_ops.backends import InferenceBackend, create_backend
+from malt_ops.comparisons import compare, format_comparisons
+from malt_ops.comparisons import metrics as comparison_metrics
 from malt_ops.config import ROLES, Recipe
 from malt_ops.evaluation import question_repeats, run_system, test_subsets
 from malt_ops.evaluation_cache import EVALUATION_KEY, adapter_digests, evaluation_key
@@ -27,7 +31,7 @@ from malt_ops.tracking import log_stage, stage_artifacts
 STAGE = "evaluate"
 HELP = (
     "Evaluate SA, SA+MV, MA, MA+MV, the STaR rows, MALT w/o MV and MALT on random test subsets "
-    "over several seeds; writes evaluate/report.json, table.md and plots."
+    "over several seeds, with paired comparisons; writes evaluate/report.json, table.md and plots."
 )
 
 SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
@@ -184,18 +188,17 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
     report["questions_per_seed"] = size
     report["question_repeats"] = question_repeats(problems_by_seed)
     report["benchmark"] = recipe.data.benchmark
-    table = format_table(report)
+    per_question = [
+        {"system": system, "seed": seed, **q}
+        for system, by_seed in results.items()
+        for seed, questions in by_seed.items()
+        for q in questions
+    ]
+    report["comparisons"] = compare(report, per_question, ev.comparisons)
+    table = format_table(report) + "\n" + format_comparisons(report["comparisons"])
     out.write_json("report.json", report)
     out.write_bytes("table.md", table.encode())
-    out.write_jsonl(
-        "per_question.jsonl",
-        [
-            {"system": system, "seed": seed, **q}
-            for system, by_seed in results.items()
-            for seed, questions in by_seed.items()
-            for q in questions
-        ],
-    )
+    out.write_jsonl("per_question.jsonl", per_question)
     if all(systems["malt"][role] for role in ROLES):
         # promote stores these results in the evaluation cache if this set becomes champion
         trained = stage_output(recipe, run_id, "train").store
@@ -238,6 +241,7 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
         f"extraction_fallbacks.{system}": counts["fallbacks"]
         for system, counts in report["extraction_fallbacks"].items()
     }
+    metrics |= comparison_metrics(report["comparisons"])
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
     log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
     print(
