@@ -25,9 +25,14 @@ from malt_ops.grading import answer_classes
 from malt_ops.metrics import majority_vote, mean_std
 from malt_ops.prompts import verdict
 from malt_ops.seeding import stable_seed
-from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.stages.train import adapter_key
-from malt_ops.storage import iter_jsonl, library_name
+from malt_ops.stages.common import (
+    already_done,
+    log,
+    require_done,
+    stage_output,
+    trained_adapter,
+)
+from malt_ops.storage import library_name
 from malt_ops.table1 import SETTINGS
 from malt_ops.tracking import log_stage, stage_artifacts
 
@@ -42,15 +47,14 @@ SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
 
 def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> tuple[dict, dict]:
     """role -> adapter name for each system, and which trained adapters were missing."""
-    store = stage_output(recipe, run_id, "train").store
     loaded: dict[str, str | None] = {}
     untrained = []
     for trained in (*ROLES, "star"):
-        key = adapter_key(run_id, trained)
-        if store.exists(f"{key}/adapter_config.json"):
+        unit = trained_adapter(recipe, run_id, trained)
+        if unit is not None:
             name = library_name(run_id, trained)
             if name not in getattr(backend, "adapters", {}):
-                backend.add_adapter(name, str(store.local_dir(key)))
+                backend.add_adapter(name, str(unit.local_dir(f"adapters/{trained}")))
             loaded[trained] = name
         else:
             loaded[trained] = None
@@ -309,7 +313,7 @@ def subset_positions(pool: int, size: int, seed: int) -> list[int]:
 def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]:
     """The test subset of each evaluation seed (the same for every system compared)."""
     prepared = require_done(recipe, run_id, "prepare")
-    test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
+    test = list(prepared.iter_jsonl("problems/test.jsonl"))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")
     test.sort(key=lambda q: str(q["id"]))  # the draw depends on the questions, not file order
