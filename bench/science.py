@@ -43,9 +43,9 @@ from common import table
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
 from malt_ops.significance import paired_by_question
-from malt_ops.stages.common import require_done, stage_output
+from malt_ops.stages.common import adopt, require_done, stage_output
 from malt_ops.stages.evaluate import setting_key
-from malt_ops.storage import iter_jsonl, run_prefix, validate_run_id
+from malt_ops.storage import run_prefix, validate_run_id
 
 STAGES = ("prepare", "sample", "label", "train", "evaluate")
 TARGET_GAIN = 0.07
@@ -202,6 +202,12 @@ def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]
             if not store.exists(target):
                 store.write_bytes(target, store.read_bytes(key))
         seconds[stage] = stage_seconds(store, source, stage)
+        # The copies now stand for this run (checked above): their provenance names this
+        # recipe and this run's inputs, in stage order, so the next stage sees them.
+        for key in manifests:
+            name = key.rsplit("/", 1)[-1]
+            unit = name.removeprefix("MANIFEST-").removesuffix(".json") if "-" in name else None
+            adopt(recipe, run_id, stage, unit)
     print(f"== sample, label, train taken from run {source} (same questions and training side)")
     return seconds
 
@@ -462,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             seconds = run_cycle(recipe, args.recipe, args.overrides, run_id, stages)
         evaluated = require_done(recipe, run_id, "evaluate")
-        report = evaluated.store.read_json(evaluated.key("report.json"))
-        per_question = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
+        report = evaluated.read_json("report.json")
+        per_question = list(evaluated.iter_jsonl("per_question.jsonl"))
         labeled = stage_output(recipe, run_id, "label")
         labels = labeled.manifest().get("summary") if labeled.done() else None
         if args.train_from:

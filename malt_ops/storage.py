@@ -504,7 +504,9 @@ class StageOutput:
     def _check_inputs_unchanged(self, inputs: dict[str, str | None]) -> None:
         """The input manifests must be the ones recorded when this attempt began: one that was
         redone meanwhile may have been half read."""
-        for key, recorded in inputs.items():
+        run = self.prefix.rsplit("/", 1)[0]
+        for name, recorded in inputs.items():
+            key = f"{run}/{name}"
             current = (
                 hashlib.sha256(self.store.read_bytes(key)).hexdigest()
                 if self.store.exists(key)

@@ -216,17 +216,16 @@ def test_trained_adapters_load_under_any_run_id(run_id, recipe_file, model_dir, 
     from malt_ops.models import load_model
     from malt_ops.stages.common import stage_output
     from malt_ops.stages.evaluate import system_adapters
-    from malt_ops.stages.train import adapter_key
 
     recipe = load_recipe(recipe_file())
-    store = stage_output(recipe, run_id, "train").store
     adapter = get_peft_model(
         load_model(model_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
     )
     adapter.save_pretrained(tmp_path / "adapter")
     for role in TRAINED:
-        for file in (tmp_path / "adapter").iterdir():
-            store.write_bytes(f"{adapter_key(run_id, role)}/{file.name}", file.read_bytes())
+        trained = stage_output(recipe, run_id, "train", role)
+        trained.put_dir(f"adapters/{role}", tmp_path / "adapter")
+        trained.commit({})
     backend = HFBackend(model_dir, batch_size=4)
     systems, missing = system_adapters(recipe, run_id, backend)
     assert missing == {"untrained": []}

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from malt_ops import provenance
 from malt_ops.config import Recipe
 from malt_ops.errors import MaltError
-from malt_ops.storage import StageOutput, open_store
+from malt_ops.storage import StageOutput, open_store, run_prefix
 
 log = logging.getLogger("malt_ops")
 
@@ -50,7 +50,9 @@ def _expected(out: StageOutput) -> dict:
     inputs: dict[str, str | None] = {}
     for stage, unit in provenance.input_units(recipe, out.stage):
         earlier = StageOutput(out.store, run_id, stage, unit)
-        inputs[earlier.manifest_key] = earlier.manifest_sha256() if earlier.done() else None
+        # Keyed below the run, so outputs copied into another run keep their meaning.
+        name = earlier.manifest_key.removeprefix(run_prefix(run_id, ""))
+        inputs[name] = earlier.manifest_sha256() if earlier.done() else None
     return {"recipe": values, "recipe_sha256": provenance.digest(values), "inputs": inputs}
 
 
@@ -97,6 +99,16 @@ def already_done(out: StageOutput) -> dict | None:
             raise _refusal(out, changes)
     log.info("%s: already done (%s), skipping", out.unit or out.prefix, where)
     return {**manifest.get("summary", {}), "skipped": True}
+
+
+def adopt(recipe: Recipe, run_id: str, stage: str, unit: str | None = None) -> None:
+    """Make a unit copied in from another run this run's own: its manifest's provenance
+    becomes this recipe's values and this run's input manifests. Only for a caller that has
+    checked that the copy is what this recipe would have produced (bench --train-from)."""
+    out = stage_output(recipe, run_id, stage, unit)
+    manifest = out.manifest()
+    manifest["provenance"] = _expected(out)
+    out.store.write_json(out.manifest_key, manifest)
 
 
 def check_made_with(earlier: StageOutput, recipe: Recipe) -> StageOutput:

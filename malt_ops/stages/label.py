@@ -294,13 +294,14 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     num_shards = recipe.sampling.num_shards
     trees, star_trees = [], []
     by_shard: dict[int, list[dict[str, Any]]] = {}
-    for shard in range(num_shards):
-        sampled = stage_output(recipe, run_id, "sample", unit=f"shard-{shard}")
+    shards = [stage_output(recipe, run_id, "sample", f"shard-{k}") for k in range(num_shards)]
+    for shard, sampled in enumerate(shards):
         if not sampled.done():
             raise MaltError(
                 f"sample shard {shard} of {num_shards} has not finished for run '{run_id}': "
                 f"run `malt-ops sample --shard {shard} --num-shards {num_shards}` first"
             )
+    for shard, sampled in enumerate(shards):
         check_made_with(sampled, recipe)
         manifest = sampled.manifest()
         made = manifest["summary"].get("num_shards")
