@@ -35,7 +35,6 @@ def random_set(recipe, run_id: str, scratch: Path) -> dict[str, Path]:
     from malt_ops.config import ROLES
     from malt_ops.models import load_model, resolve_model_dir
     from malt_ops.stages.common import stage_output
-    from malt_ops.stages.train import adapter_key
 
     torch.manual_seed(0)
     model = get_peft_model(
@@ -43,10 +42,12 @@ def random_set(recipe, run_id: str, scratch: Path) -> dict[str, Path]:
         LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj"]),
     )
     model.save_pretrained(scratch / "adapter")
-    store = stage_output(recipe, run_id, "train").store
+    units = {}
     for role in (*ROLES, "star"):
-        store.put_dir(adapter_key(run_id, role), scratch / "adapter")
-    return {role: store.local_dir(adapter_key(run_id, role)) for role in ROLES}
+        units[role] = stage_output(recipe, run_id, "train", role)
+        units[role].put_dir(f"adapters/{role}", scratch / "adapter")
+        units[role].commit({})
+    return {role: units[role].local_dir(f"adapters/{role}") for role in ROLES}
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ from common import table
 from malt_ops.comparisons import compare, format_comparisons
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError
-from malt_ops.stages.common import require_done, stage_output
-from malt_ops.storage import iter_jsonl, run_prefix, validate_run_id
+from malt_ops.stages.common import adopt, require_done, stage_output
+from malt_ops.storage import run_prefix, validate_run_id
 
 REUSABLE_STAGES = ("sample", "label", "train")
 """What --train-from copies from the source run (the stages the training side decides)."""
@@ -189,6 +189,12 @@ def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]
             if not store.exists(target):
                 store.write_bytes(target, store.read_bytes(key))
         seconds[stage] = stage_seconds(store, source, stage)
+        # The copies now stand for this run (checked above): their provenance names this
+        # recipe and this run's inputs, in stage order, so the next stage sees them.
+        for key in manifests:
+            name = key.rsplit("/", 1)[-1]
+            unit = name.removeprefix("MANIFEST-").removesuffix(".json") if "-" in name else None
+            adopt(recipe, run_id, stage, unit)
     print(f"== sample, label, train taken from run {source} (same questions and training side)")
     return seconds
 
@@ -212,7 +218,7 @@ def comparisons_of(recipe: Recipe, report: dict[str, Any], evaluated: Any) -> di
     same way from its per_question.jsonl."""
     if "comparisons" in report:
         return report["comparisons"]
-    rows = list(iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")))
+    rows = list(evaluated.iter_jsonl("per_question.jsonl"))
     return compare(report, rows, recipe.evaluation.comparisons)
 
 
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             # copied units skip themselves; a shard or role the source never finished runs here
             malt_ops("run", args.recipe, run_id, args.overrides)
         evaluated = require_done(recipe, run_id, "evaluate")
-        report = evaluated.store.read_json(evaluated.key("report.json"))
+        report = evaluated.read_json("report.json")
         report["comparisons"] = comparisons_of(recipe, report, evaluated)
         labeled = stage_output(recipe, run_id, "label")
         labels = labeled.manifest().get("summary") if labeled.done() else None

@@ -45,6 +45,12 @@ with DAG(
             None, type=["null", "string"], description="pipeline run id (default: Airflow's)"
         ),
         "overrides": Param([], type="array", description="recipe overrides, dotted.key=value"),
+        "force": Param(
+            False,
+            type="boolean",
+            description="redo the stages whose recipe keys changed (and every later one) "
+            "instead of refusing",
+        ),
     },
     doc_md=__doc__,
 ) as dag:

@@ -13,6 +13,7 @@ from typing import Any
 from malt_ops.config import TRAINED, Recipe, load_recipe
 from malt_ops.errors import MaltError, RegistryUnavailable, redact
 from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
+from malt_ops.stages.common import forcing
 from malt_ops.storage import disk_full, validate_run_id
 
 RETRYABLE_EXIT = 75
@@ -29,6 +30,12 @@ def _common(parser: argparse.ArgumentParser, run_id_required: bool = True) -> No
         "--run-id",
         required=run_id_required,
         help="pipeline run id; outputs go to <storage.root>/runs/<run-id>/",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="where the recipe changed since this run's outputs were made, redo the stage "
+        "(and, as their inputs change, every stage after it) instead of refusing",
     )
     parser.add_argument(
         "--set",
@@ -87,7 +94,9 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.cycles < 1:
         raise MaltError(f"--cycles {args.cycles}: give 1 or more")
-    return run_pipeline(recipe, args.recipe, args.overrides, run_id, cycles=args.cycles)
+    return run_pipeline(
+        recipe, args.recipe, args.overrides, run_id, cycles=args.cycles, force=args.force
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +167,8 @@ def run_stage(arguments: list[str]) -> dict[str, Any]:
         raise MaltError(f"not a stage command: {arguments[:1]}; expected one of {STAGE_COMMANDS}")
     args = build_parser().parse_args(arguments)
     try:
-        return args.handler(args) or {}
+        with forcing(getattr(args, "force", False)):
+            return args.handler(args) or {}
     except OSError as exc:
         error = _disk_full(exc)
         if error is None:
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        args.handler(args)
+        with forcing(getattr(args, "force", False)):
+            args.handler(args)
     except RegistryUnavailable as exc:
         print(f"malt-ops {args.command}: error: {exc}", file=sys.stderr)
         return RETRYABLE_EXIT

@@ -23,7 +23,7 @@ from malt_ops.grading import answer_classes
 from malt_ops.metrics import majority_vote
 from malt_ops.prompts import verdict
 from malt_ops.seeding import stable_seed
-from malt_ops.storage import StageOutput, iter_jsonl, open_store
+from malt_ops.storage import StageOutput, open_store
 from malt_ops.table1 import SETTINGS
 
 log = logging.getLogger("malt_ops")
@@ -175,7 +175,7 @@ def test_subsets(recipe: Recipe, run_id: str) -> dict[int, list[dict[str, Any]]]
         raise MaltError(
             f"prepare has not finished for run '{run_id}': run `malt-ops prepare` first"
         )
-    test = list(iter_jsonl(prepared.store, prepared.key("problems/test.jsonl")))
+    test = list(prepared.iter_jsonl("problems/test.jsonl"))
     if not test:
         raise MaltError("the test split is empty: set data.test_size or data.test_path")
     test.sort(key=lambda q: str(q["id"]))  # the draw depends on the questions, not file order

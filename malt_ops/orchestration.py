@@ -94,6 +94,8 @@ def stage_arguments(stage: str, context: dict[str, Any], *extra: str) -> list[st
     ]
     for override in params.get("overrides") or []:
         arguments += ["--set", str(override)]
+    if params.get("force"):
+        arguments.append("--force")
     return [*arguments, *extra]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from malt_ops.config import Recipe
 from malt_ops.errors import MaltError
 from malt_ops.orchestration import RECIPE_ENV, REPO_ROOT, refuse_parse_time_overrides
-from malt_ops.storage import open_store, run_prefix
+from malt_ops.storage import StageOutput, open_store, run_prefix
 
 log = logging.getLogger("malt_ops")
 DAG_ID = "malt_retraining"
@@ -65,9 +65,16 @@ def load_dag():
 
 
 def run_pipeline(
-    recipe: Recipe, recipe_path: str, overrides: list[str], run_id: str, cycles: int = 1
+    recipe: Recipe,
+    recipe_path: str,
+    overrides: list[str],
+    run_id: str,
+    cycles: int = 1,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left."""
+    """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left.
+
+    ``force``: every stage runs with ``--force`` (a recipe change redoes, not refuses)."""
     from malt_ops.tracking import finish_pipeline
 
     refuse_parse_time_overrides(overrides)  # before Airflow starts, not at the plan task
@@ -82,6 +89,7 @@ def run_pipeline(
             "recipe": str(Path(recipe_path).resolve()),
             "run_id": cycle_id,
             "overrides": list(overrides),
+            "force": force,
         }
         if cycles > 1:
             log.info("retraining cycle %d of %d: run %s", cycle, cycles, cycle_id)
@@ -94,12 +102,12 @@ def run_pipeline(
                 "resume: finished stages are skipped"
             )
         outputs = store.uri(run_prefix(cycle_id, "")).rstrip("/")
-        table_key = f"{run_prefix(cycle_id, 'evaluate')}/table.md"
-        if store.exists(table_key):
-            print(f"\n{store.read_text(table_key)}")
-        decision_key = f"{run_prefix(cycle_id, 'promote')}/decision.json"
-        if store.exists(decision_key):
-            decision = store.read_json(decision_key)
+        evaluated = StageOutput(store, cycle_id, "evaluate")
+        if evaluated.done() and evaluated.has("table.md"):
+            print(f"\n{evaluated.read_bytes('table.md').decode()}")
+        promoted = StageOutput(store, cycle_id, "promote")
+        if promoted.done() and promoted.has("decision.json"):
+            decision = promoted.read_json("decision.json")
             print(
                 f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} — {decision['reason']}"
             )

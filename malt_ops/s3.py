@@ -215,6 +215,25 @@ class S3Store(Store):
             ),
         )
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``): S3 itself refuses to replace an
+        existing object, so two attempts committing at once cannot both win."""
+        from botocore.exceptions import ClientError
+
+        def put() -> bool:
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                )
+                return True
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412"):
+                    return False
+                raise
+
+        return self._call(key, put)
+
     def upload_file(self, key: str, path: Path) -> None:
         """Stream a local file (multipart above the threshold) without reading it into memory."""
         from boto3.s3.transfer import TransferConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -361,3 +362,23 @@ def random_lora(model_dir: Path, path: Path) -> Path:
     )
     model.save_pretrained(path)
     return path
+
+
+def committed(run_dir: Path, stage: str, name: str, unit: str | None = None) -> Path:
+    """Where the committed file ``name`` of a unit lies in a local store's run directory:
+    below the attempt its manifest names (each attempt writes its own folder)."""
+    manifest = run_dir / stage / ("MANIFEST.json" if unit is None else f"MANIFEST-{unit}.json")
+    attempt = json.loads(manifest.read_text()).get("attempt")
+    return run_dir / stage / "attempts" / attempt / name if attempt else run_dir / stage / name
+
+
+def commit_prepared(recipe, run_id: str, problems: list[dict]) -> None:
+    """A committed prepare holding ``problems`` as the training split (label checks that the
+    shards cover exactly these)."""
+    from malt_ops.stages.common import stage_output
+
+    prepared = stage_output(recipe, run_id, "prepare")
+    prepared.replace = True  # over a prepare already there
+    prepared.write_jsonl("problems/train.jsonl", problems)
+    prepared.write_jsonl("problems/test.jsonl", [])
+    prepared.commit({})

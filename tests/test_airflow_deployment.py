@@ -30,6 +30,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="signal")]
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_RECIPE = REPO / "recipes" / "local.yaml"
 DAG_ID = "malt_retraining"
+
+
+def committed(run_dir: Path, stage: str, name: str, unit: str | None = None) -> Path:
+    """A committed file: below the attempt folder its unit's manifest names."""
+    manifest = run_dir / stage / ("MANIFEST.json" if unit is None else f"MANIFEST-{unit}.json")
+    attempt = json.loads(manifest.read_text()).get("attempt")
+    return run_dir / stage / "attempts" / attempt / name if attempt else run_dir / stage / name
+
+
 RUN_ID = "deploy-test"  # Airflow's DAG run id
 MALT_RUN_ID = "deploy-malt"  # the pipeline run id, passed as the DAG's run_id param
 USER = "malt-deploy"
@@ -382,8 +391,9 @@ def test_dag_runs_to_success_under_a_real_deployment(deployment: Deployment, tmp
         manifest = json.loads((run_root / name).read_text())
         stage = name.split("/")[0]
         for path, meta in manifest["files"].items():
-            assert (run_root / stage / path).stat().st_size == meta["bytes"], (name, path)
-    registered = json.loads((run_root / "register" / "versions.json").read_text())
+            committed_file = committed(run_root, stage, path, manifest["unit"])
+            assert committed_file.stat().st_size == meta["bytes"], (name, path)
+    registered = json.loads(committed(run_root, "register", "versions.json").read_text())
     print(
         f"\nAirflow deployment: up and parsed in {triggered - started:.0f} s, "
         f"DAG run {run_seconds:.0f} s, total {time.monotonic() - started:.0f} s; "

@@ -10,6 +10,7 @@ wrote. Stages run in this process through ``malt_ops.cli.main``; no case loads a
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,10 @@ def _run_cli(argv: list[str]) -> int:
 def _write_finished_run(recipe_path: Path) -> None:
     """What train and evaluate leave behind, so that register has its inputs."""
     recipe = load_recipe(recipe_path)
-    trained = stage_output(recipe, RUN, "train")
     for role in ("generator", "verifier", "refiner"):
+        trained = stage_output(recipe, RUN, "train", unit=role)
         trained.write_json(f"adapters/{role}/adapter_config.json", {"peft_type": "LORA", "r": 8})
-    trained.commit({})
+        trained.commit({})
     evaluated = stage_output(recipe, RUN, "evaluate")
     evaluated.write_json("report.json", {"settings": [{"setting": "MALT", "mean": 0.5, "std": 0}]})
     evaluated.commit({})
@@ -125,9 +126,22 @@ def _write_finished_run(recipe_path: Path) -> None:
 def _write_trees(recipe_path: Path, trees: Path) -> None:
     """A committed sample shard holding the case's trees file, as the sample stage leaves it."""
     recipe = load_recipe(recipe_path)
+    # The trees' questions are the prepared ones (label checks that the shards cover them).
+    problems = {}
+    for line in trees.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            tree = json.loads(line)
+            problem = tree.get("problem") if isinstance(tree, dict) else None
+            if isinstance(problem, dict) and isinstance(problem.get("id"), str):
+                problems.setdefault(problem["id"], problem)
+    prepared = stage_output(recipe, RUN, "prepare")
+    prepared.replace = True  # over the prepare of the setup
+    prepared.write_jsonl("problems/train.jsonl", list(problems.values()))
+    prepared.write_jsonl("problems/test.jsonl", [])
+    prepared.commit({})
     sampled = stage_output(recipe, RUN, "sample", unit="shard-0")
     sampled.write_bytes("trees/shard-0.jsonl", trees.read_bytes())
-    sampled.commit({"shard": 0})
+    sampled.commit({"shard": 0, "num_shards": 1})
 
 
 def _recipes(tmp_path: Path, case: dict[str, Any], root: str) -> tuple[Path, Path]:

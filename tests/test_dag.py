@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from malt_ops.errors import MaltError
-from tests.conftest import LOCAL_RECIPE
+from tests.conftest import LOCAL_RECIPE, committed
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 
@@ -155,7 +155,7 @@ def test_schedule_tags_retries_and_params(dagbag):
     assert {"malt", "post-training"} <= set(dag.tags)
     assert all(task.retries == recipe["schedule"]["retries"] for task in dag.tasks)
     assert dag.schedule == recipe["schedule"]["cron"]
-    assert {"recipe", "run_id", "overrides"} <= set(dag.params.keys())
+    assert {"recipe", "run_id", "overrides", "force"} <= set(dag.params.keys())
 
 
 def test_dag_file_is_wiring_only():
@@ -210,5 +210,5 @@ print(json.dumps({{"state": str(dag_run.state), "airflow_id": dag_run.run_id,
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["airflow_id"].startswith("manual__") and "." in result["airflow_id"]
     assert "success" in result["state"], done.stderr[-3000:]
-    evaluated = tmp_path / "store" / "runs" / result["run_id"] / "evaluate"
-    assert (evaluated / "report.json").is_file()
+    run = tmp_path / "store" / "runs" / result["run_id"]
+    assert committed(run, "evaluate", "report.json").is_file()

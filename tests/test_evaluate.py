@@ -210,17 +210,16 @@ def test_trained_adapters_load_under_any_run_id(run_id, recipe_file, model_dir, 
     from malt_ops.models import load_model
     from malt_ops.stages.common import stage_output
     from malt_ops.stages.evaluate import system_adapters
-    from malt_ops.stages.train import adapter_key
 
     recipe = load_recipe(recipe_file())
-    store = stage_output(recipe, run_id, "train").store
     adapter = get_peft_model(
         load_model(model_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
     )
     adapter.save_pretrained(tmp_path / "adapter")
     for role in TRAINED:
-        for file in (tmp_path / "adapter").iterdir():
-            store.write_bytes(f"{adapter_key(run_id, role)}/{file.name}", file.read_bytes())
+        trained = stage_output(recipe, run_id, "train", role)
+        trained.put_dir(f"adapters/{role}", tmp_path / "adapter")
+        trained.commit({})
     backend = HFBackend(model_dir, batch_size=4)
     systems, missing = system_adapters(recipe, run_id, backend)
     assert missing == {"untrained": []}
@@ -388,8 +387,6 @@ def test_evaluate_writes_and_logs_the_comparisons(
     from malt_ops.significance import paired_by_question
     from malt_ops.stages import evaluate, prepare
     from malt_ops.stages.common import stage_output
-    from malt_ops.stages.train import adapter_key
-    from malt_ops.storage import iter_jsonl
     from malt_ops.tracking import metric_name
     from tests.conftest import random_lora
 
@@ -412,16 +409,16 @@ def test_evaluate_writes_and_logs_the_comparisons(
     run_id = "compare-stage"
     prepare.run(recipe, run_id)
     lora = random_lora(model_dir, tmp_path / "lora")
-    store = stage_output(recipe, run_id, "train").store
     for trained in TRAINED:
-        for file in lora.iterdir():
-            store.write_bytes(f"{adapter_key(run_id, trained)}/{file.name}", file.read_bytes())
+        unit = stage_output(recipe, run_id, "train", trained)
+        unit.put_dir(f"adapters/{trained}", lora)
+        unit.commit({})
 
     evaluate.run(recipe, run_id, backend=hf_backend)
 
     out = stage_output(recipe, run_id, "evaluate")
-    report = out.store.read_json(out.key("report.json"))
-    rows = list(iter_jsonl(out.store, out.key("per_question.jsonl")))
+    report = out.read_json("report.json")
+    rows = list(out.iter_jsonl("per_question.jsonl"))
     section = report["comparisons"]
     means = {s["setting"]: s["mean"] for s in report["settings"]}
     assert [t["name"] for t in section["tests"]] == [
@@ -449,7 +446,7 @@ def test_evaluate_writes_and_logs_the_comparisons(
     assert flips["malt"]["right_to_wrong"] == sum(r["right_to_wrong"] for r in malt_rows)
     assert flips["malt"]["chains"] == 2 * 4
 
-    table = out.store.read_text(out.key("table.md"))
+    table = out.read_bytes("table.md").decode()
     assert format_comparisons(section) in table
     assert "| MALT vs SA |" in table and "| malt |" in table
 

@@ -220,12 +220,11 @@ def test_every_key_family_changes_the_key(model_dir, tmp_path):
 def _trained(recipe, run_id: str, adapter: Path) -> None:
     """Train's output for ``run_id`` as evaluate and register read it: ``adapter`` in every role."""
     from malt_ops.stages.common import stage_output
-    from malt_ops.stages.train import adapter_key
 
-    store = stage_output(recipe, run_id, "train").store
     for role in (*ROLES, "star"):
-        for file in adapter.iterdir():
-            store.write_bytes(f"{adapter_key(run_id, role)}/{file.name}", file.read_bytes())
+        trained = stage_output(recipe, run_id, "train", role)
+        trained.put_dir(f"adapters/{role}", adapter)
+        trained.commit({})
 
 
 @pytest.mark.slow  # two evaluate/register/promote cycles against MLflow and S3 (~80 s)

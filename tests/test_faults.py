@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -44,8 +45,12 @@ from tests.conftest import (
     _free_port,
     _register,
     _set_of,
+    commit_prepared,
     start_weed,
     stop,
+)
+from tests.conftest import (
+    committed as committed_path,
 )
 
 ROUNDS = 5
@@ -246,6 +251,19 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+def _committed(run: Path) -> dict[str, str]:
+    """'<stage>/<file>' -> sha256 of every file the run's manifests commit (each attempt
+    writes its own folder, so the paths below it differ from run to run)."""
+    files = {}
+    for manifest in sorted(run.glob("*/MANIFEST*.json")):
+        committed = json.loads(manifest.read_text())
+        files[manifest.relative_to(run).as_posix()] = "manifest"
+        for name in committed["files"]:
+            path = committed_path(run, manifest.parent.name, name, committed["unit"])
+            files[f"{manifest.parent.name}/{name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
 def _files(root: Path) -> dict[str, str]:
     """Every file below root, hidden and partial ones included, with its sha256."""
     return {
@@ -277,7 +295,7 @@ def test_full_store_disk_fails_cleanly_and_the_rerun_completes(tiny_disk, tmp_pa
     store = tiny_disk / "store"
     recipe = ["--recipe", str(_recipe(tmp_path, store))]
     assert cli.main(["prepare", *recipe, "--run-id", "earlier"]) == 0
-    earlier = _files(store / "runs" / "earlier")
+    earlier = _committed(store / "runs" / "earlier")
     assert "prepare/MANIFEST.json" in earlier
     filler = _fill(tiny_disk)
     capsys.readouterr()
@@ -287,11 +305,11 @@ def test_full_store_disk_fails_cleanly_and_the_rerun_completes(tiny_disk, tmp_pa
     assert "disk full" in line and "No space left on device" in line
     assert str(store / "runs" / "full" / "prepare") in line
     assert _files(store / "runs" / "full") == {}  # no partial file, no manifest
-    assert _files(store / "runs" / "earlier") == earlier
+    assert _committed(store / "runs" / "earlier") == earlier
 
     filler.unlink()
     assert cli.main(["prepare", *recipe, "--run-id", "full"]) == 0
-    rerun = _files(store / "runs" / "full")
+    rerun = _committed(store / "runs" / "full")
     assert set(rerun) == set(earlier) and "prepare/MANIFEST.json" in rerun
     assert rerun["prepare/problems/train.jsonl"] == earlier["prepare/problems/train.jsonl"]
 
@@ -310,8 +328,9 @@ def test_full_scratch_disk_fails_cleanly_and_the_rerun_completes(
     assert cli.main(["prepare", *recipe]) == 0
     sampled = stage_output(load_recipe(path), "run", "sample", unit="shard-0")
     trees = Path(__file__).parent / "bad_inputs" / "files" / "trees" / "good.jsonl"
+    commit_prepared(load_recipe(path), "run", [json.loads(trees.read_text())["problem"]])
     sampled.write_bytes("trees/shard-0.jsonl", trees.read_bytes())
-    sampled.commit({"shard": 0})
+    sampled.commit({"shard": 0, "num_shards": 1})
     earlier = _files(store)
     scratch = tiny_disk / "tmp"
     scratch.mkdir()
@@ -330,7 +349,7 @@ def test_full_scratch_disk_fails_cleanly_and_the_rerun_completes(
     filler.unlink()
     assert cli.main(["label", *recipe]) == 0
     assert (store / "runs" / "run" / "label" / "MANIFEST.json").exists()
-    assert _files(store)["runs/run/label/plots/values.png"]
+    assert committed_path(store / "runs" / "run", "label", "plots/values.png").stat().st_size
 
 
 # ------------------------------------------------------------------ S3 killed under a stage

@@ -41,6 +41,7 @@ from malt_ops.stages import prepare, promote, register, sample
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import StageOutput
 from malt_ops.tracking import client_for
+from tests.conftest import committed
 
 
 def slow(test):
@@ -108,6 +109,9 @@ STEPS = {
     "promote": (["promote"], "promote/MANIFEST.json"),
 }
 TIME_KEYS = {"started_at", "finished_at", "wall_seconds", "tokens_per_second", "batches_reused"}
+# Which attempt committed a unit differs from world to world, and with it the digests of the
+# input manifests a later unit records (their bytes name the attempt).
+TIME_KEYS |= {"attempt", "inputs"}
 TALLY: dict[str, dict] = {}
 
 
@@ -277,9 +281,10 @@ def assert_nothing_half_written(run: Path) -> int:
     """After a kill: every manifest's files are whole, every JSON file parses, every
     sampling checkpoint with a marker matches it. Returns the complete checkpoint parts."""
     for manifest in run.glob("*/MANIFEST*.json"):
-        listed = json.loads(manifest.read_text())["files"]
-        for name, meta in listed.items():
-            assert sha256(manifest.parent / name) == meta["sha256"], (manifest, name)
+        committed = json.loads(manifest.read_text())
+        for name, meta in committed["files"].items():
+            path = _unit_dir(manifest.parent, committed) / name
+            assert sha256(path) == meta["sha256"], (manifest, name)
     if not run.exists():
         return 0
     for path in run.rglob("*"):
@@ -308,7 +313,8 @@ def assert_same_outputs(reference: Path, other: Path, manifest: str) -> None:
                 files[name] = "<time-dependent file, compared below>"
     assert normalise(ours) == normalise(theirs), manifest
     for name in ours["files"]:
-        a, b = reference / stage / name, other / stage / name
+        a = _unit_dir(reference / stage, ours) / name
+        b = _unit_dir(other / stage, theirs) / name
         if _normalised_file(name):
             assert normalise(json.loads(a.read_text())) == normalise(json.loads(b.read_text())), (
                 name
@@ -317,12 +323,20 @@ def assert_same_outputs(reference: Path, other: Path, manifest: str) -> None:
             assert a.read_bytes() == b.read_bytes(), f"{stage}/{name} differs after the kills"
 
 
+def _unit_dir(stage_dir: Path, manifest: dict) -> Path:
+    """Where a committed unit's files lie: below the attempt its manifest names."""
+    attempt = manifest.get("attempt")
+    return stage_dir / "attempts" / attempt if attempt else stage_dir
+
+
 def _copy_unit(source: Path, target: Path, stage: str, unit: str) -> None:
     """Copy one committed unit (its manifest and files) between worlds."""
     manifest = json.loads((source / stage / f"MANIFEST-{unit}.json").read_text())
-    for name in [*manifest["files"], f"MANIFEST-{unit}.json"]:
-        (target / stage / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / stage / name, target / stage / name)
+    here, there = _unit_dir(source / stage, manifest), _unit_dir(target / stage, manifest)
+    for name in manifest["files"]:
+        (there / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(here / name, there / name)
+    shutil.copy2(source / stage / f"MANIFEST-{unit}.json", target / stage / f"MANIFEST-{unit}.json")
 
 
 @slow
@@ -484,7 +498,8 @@ def test_sample_resumes_from_the_last_checkpointed_batch(recipe_file):
     assert rerun.calls == 2 * 3  # batches 1 and 2, three levels each; batch 0 reused
     assert resumed["batches_reused"] == 1 and not parts.exists()
     trees = [
-        store / "runs" / run / "sample" / "trees" / "shard-0.jsonl" for run in ("whole", "crashed")
+        committed(store / "runs" / run, "sample", "trees/shard-0.jsonl", "shard-0")
+        for run in ("whole", "crashed")
     ]
     assert trees[0].read_bytes() == trees[1].read_bytes()
     assert normalise(resumed) == normalise(whole)
@@ -514,10 +529,10 @@ def _evaluated_run(recipe, run_id: str) -> None:
     prepared = stage_output(recipe, run_id, "prepare")
     prepared.write_jsonl("problems/train.jsonl", [{"id": "q", "question": "What is 1+1?"}])
     prepared.commit({})
-    trained = stage_output(recipe, run_id, "train")
     for role in ROLES:
+        trained = stage_output(recipe, run_id, "train", role)
         trained.write_json(f"adapters/{role}/adapter_config.json", {"r": 8, "role": role})
-    trained.commit({})
+        trained.commit({})
     evaluated = stage_output(recipe, run_id, "evaluate")
     evaluated.write_json("report.json", {"settings": [{"setting": "MALT", "mean": 1, "std": 0}]})
     evaluated.write_jsonl(

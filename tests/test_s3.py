@@ -16,12 +16,17 @@ def test_store_roundtrip_manifest_and_listing(s3_env, tmp_path):
     out = StageOutput(store, "r1", "label")
     out.write_jsonl("datasets/a.jsonl", [{"x": 1}, {"x": 2}])
     assert not out.done()
-    out.commit({"rows": 2})
+    manifest = out.commit({"rows": 2})
     assert out.done()
     assert [r["x"] for r in iter_jsonl(store, out.key("datasets/a.jsonl"))] == [1, 2]
     assert store.list("runs/r1/label") == [
         "runs/r1/label/MANIFEST.json",
-        "runs/r1/label/datasets/a.jsonl",
+        f"runs/r1/label/attempts/{manifest['attempt']}/datasets/a.jsonl",
+    ]
+    assert not store.create_bytes("runs/r1/label/MANIFEST.json", b"{}")  # conditional PUT
+    assert list(StageOutput(store, "r1", "label").iter_jsonl("datasets/a.jsonl")) == [
+        {"x": 1},
+        {"x": 2},
     ]
     adapter = tmp_path / "adapter"
     (adapter / "sub").mkdir(parents=True)

@@ -10,7 +10,7 @@ from malt_ops.chains import expand_trees
 from malt_ops.config import ROLES, SamplingConfig
 from malt_ops.prompts import verifier_messages
 from malt_ops.tree import assign_values
-from tests.conftest import run_cli
+from tests.conftest import commit_prepared, committed, run_cli
 
 pytestmark = pytest.mark.model
 
@@ -48,7 +48,7 @@ def sampled_run(tmp_path_factory, model_dir):
 
 def test_tree_shape_and_rewards(sampled_run):
     _, run, _ = sampled_run
-    trees = read_jsonl(run / "sample" / "trees" / "shard-0.jsonl")
+    trees = read_jsonl(committed(run, "sample", "trees/shard-0.jsonl", "shard-0"))
     assert len(trees) == 2
     for tree in trees:
         nodes = tree["nodes"]
@@ -73,8 +73,8 @@ def test_tree_shape_and_rewards(sampled_run):
 
 def test_datasets_match_labels(sampled_run):
     _, run, _ = sampled_run
-    trees = read_jsonl(run / "sample" / "trees" / "shard-0.jsonl")
-    stats = json.loads((run / "label" / "stats.json").read_text())
+    trees = read_jsonl(committed(run, "sample", "trees/shard-0.jsonl", "shard-0"))
+    stats = json.loads(committed(run, "label", "stats.json").read_text())
     expected_sft, expected_positive, expected_negative = {}, {}, {}
     for tree in trees:
         labels = assign_values(tree["nodes"], "global", 0.5)
@@ -85,12 +85,12 @@ def test_datasets_match_labels(sampled_run):
             if labels[node["id"]].positive and node["finished"] and node["text"].strip():
                 expected_sft.setdefault(role, set()).add((tree["problem"]["id"], node["id"]))
     for role in ("generator", "verifier", "refiner"):
-        sft = read_jsonl(run / "label" / "datasets" / f"{role}_sft.jsonl")
+        sft = read_jsonl(committed(run, "label", f"datasets/{role}_sft.jsonl"))
         assert {(r["question_id"], r["node_id"]) for r in sft} == expected_sft.get(role, set())
         assert all(r["messages"][-1]["role"] == "assistant" for r in sft)
         assert stats["roles"][role]["positives"] == expected_positive.get(role, 0)
         assert stats["roles"][role]["negatives"] == expected_negative.get(role, 0)
-        pairs = read_jsonl(run / "label" / "datasets" / f"{role}_dpo.jsonl")
+        pairs = read_jsonl(committed(run, "label", f"datasets/{role}_dpo.jsonl"))
         assert stats["roles"][role]["pairs"] == len(pairs)
         by_question = {t["problem"]["id"]: t for t in trees}
         for pair in pairs:
@@ -105,7 +105,7 @@ def test_datasets_match_labels(sampled_run):
             )
             assert pair["chosen"][0]["content"] == chosen["text"]
     # STaR: the generator's own correct, finished answers, whatever happened after them.
-    star = read_jsonl(run / "label" / "datasets" / "star_sft.jsonl")
+    star = read_jsonl(committed(run, "label", "datasets/star_sft.jsonl"))
     expected_star = {
         (t["problem"]["id"], n["id"])
         for t in trees
@@ -115,7 +115,7 @@ def test_datasets_match_labels(sampled_run):
     assert {(r["question_id"], r["node_id"]) for r in star} == expected_star
     assert stats["star"]["positives"] == len(expected_star)
     # The verifier's prompt in its SFT rows is the one it was sampled with.
-    for row in read_jsonl(run / "label" / "datasets" / "verifier_sft.jsonl"):
+    for row in read_jsonl(committed(run, "label", "datasets/verifier_sft.jsonl")):
         tree = by_question[row["question_id"]]
         nodes = {n["id"]: n for n in tree["nodes"]}
         parent = nodes[nodes[row["node_id"]]["parent"]]
@@ -124,11 +124,11 @@ def test_datasets_match_labels(sampled_run):
 
 def test_rerun_skips_finished_stages(sampled_run):
     recipe, run, sets = sampled_run
-    before = (run / "sample" / "trees" / "shard-0.jsonl").read_bytes()
+    before = (committed(run, "sample", "trees/shard-0.jsonl", "shard-0")).read_bytes()
     done = run_cli("sample", "--recipe", str(recipe), "--run-id", "t1", *sets)
     assert done.returncode == 0
     assert "already done" in done.stderr
-    assert (run / "sample" / "trees" / "shard-0.jsonl").read_bytes() == before
+    assert (committed(run, "sample", "trees/shard-0.jsonl", "shard-0")).read_bytes() == before
 
 
 def test_label_before_sampling_fails_clearly(sampled_run):
@@ -202,6 +202,7 @@ def sampled_store(recipe_file, trees: list[dict], overrides: list[str]):
     from malt_ops.stages.common import stage_output
 
     recipe = load_recipe(recipe_file(), overrides)
+    commit_prepared(recipe, "budget", [tree["problem"] for tree in trees])
     sampled = stage_output(recipe, "budget", "sample", unit="shard-0")
     sampled.write_jsonl("trees/shard-0.jsonl", trees)
     sampled.commit({})
@@ -229,7 +230,7 @@ def test_label_counts_rows_over_the_token_budget(recipe_file, model_dir):
     assert budget["checked"] is True
     # Expected counts from the tokenizer itself, not from the code under test.
     tokenizer = load_tokenizer(model_dir)
-    datasets = Path(recipe.storage.root) / "runs" / "budget" / "label" / "datasets"
+    datasets = committed(Path(recipe.storage.root) / "runs" / "budget", "label", "datasets")
     for role, name, column in [
         ("generator", "generator_sft", "messages"),
         ("star", "star_sft", "messages"),
@@ -299,7 +300,7 @@ def test_label_without_a_tokenizer_skips_the_budget_and_counts_it(recipe_file, m
     recipe = sampled_store(recipe_file, budget_trees("2 + 2 = 4.\nFinal answer: 4"), [])
     stats = label.run(recipe, "budget")
     trained_on = ["generator_sft", "verifier_sft", "verifier_dpo", "refiner_sft", "refiner_dpo"]
-    datasets = Path(recipe.storage.root) / "runs" / "budget" / "label" / "datasets"
+    datasets = committed(Path(recipe.storage.root) / "runs" / "budget", "label", "datasets")
     rows = sum(len(read_jsonl(datasets / f"{name}.jsonl")) for name in [*trained_on, "star_sft"])
     assert stats["token_budget"] == {
         "checked": False,
@@ -338,7 +339,7 @@ def test_star_trains_on_the_base_generators_own_samples(
     prepare.run(recipe, "c2")
     summary = sample.run(recipe, "c2", backend=hf_backend)
     assert summary["star_source"] == "sampled"
-    shard = tmp_path / "store" / "runs" / "c2" / "sample"
+    shard = committed(tmp_path / "store" / "runs" / "c2", "sample", "", "shard-0")
     trees = read_jsonl(shard / "trees" / "shard-0.jsonl")
     star = read_jsonl(shard / "star" / "shard-0.jsonl")
     problems = [t["problem"] for t in trees]

@@ -17,8 +17,10 @@ def test_stage_output_commits_manifest_last(tmp_path):
     assert [r["a"] for r in iter_jsonl(store, out.key("datasets/x.jsonl"))] == [1, 2]
     assert store.list("runs/r1/label") == [
         "runs/r1/label/MANIFEST.json",
-        "runs/r1/label/datasets/x.jsonl",
+        f"runs/r1/label/attempts/{manifest['attempt']}/datasets/x.jsonl",
     ]
+    reader = StageOutput(store, "r1", "label")  # resolves the file through the manifest
+    assert [r["a"] for r in reader.iter_jsonl("datasets/x.jsonl")] == [1, 2]
     shard = StageOutput(store, "r1", "sample", unit="shard-3")
     assert shard.manifest_key == "runs/r1/sample/MANIFEST-shard-3.json"
 

@@ -74,9 +74,10 @@ def fake_finished_run(
             [{"id": f"{split}{i}", "question": q} for i, q in enumerate(questions)],
         )
     prepared.commit({})
-    trained = stage_output(recipe, run_id, "train")
     for role in ROLES:
+        trained = stage_output(recipe, run_id, "train", role)
         trained.write_json(f"adapters/{role}/adapter_config.json", {"r": 8, "role": role})
+        trained.commit({})
     evaluated = stage_output(recipe, run_id, "evaluate")
     evaluated.write_json(
         "report.json", {"settings": [{"setting": "MALT", "mean": 0.5, "std": 0.1}]}
@@ -97,7 +98,9 @@ def test_register_then_promote_against_the_base(tracked_recipe, mlflow_server, c
     client = MlflowClient(mlflow_server["url"])
     challengers = alias_versions(tracked_recipe, CHALLENGER, client)
     for role, version in challengers.items():
-        assert version.source == f"{tracked_recipe.storage.root}/runs/reg-1/train/adapters/{role}"
+        committed = stage_output(tracked_recipe, "reg-1", "train", role)
+        assert version.source == committed.store.uri(committed.key(f"adapters/{role}"))
+        assert f"/runs/reg-1/train/attempts/{role}-" in version.source
         assert (
             version.tags["malt_ops.run_id"] == "reg-1"
             and version.tags["recipe_digest"] == tracked_recipe.digest()

@@ -22,8 +22,7 @@ from malt_ops.config import ROLES, Recipe
 from malt_ops.evaluation import question_repeats, run_system, test_subsets
 from malt_ops.evaluation_cache import EVALUATION_KEY, adapter_digests, evaluation_key
 from malt_ops.metrics import mean_std
-from malt_ops.stages.common import already_done, stage_output
-from malt_ops.stages.train import adapter_key
+from malt_ops.stages.common import already_done, stage_output, trained_adapter
 from malt_ops.storage import library_name
 from malt_ops.table1 import SETTINGS
 from malt_ops.tracking import log_stage, stage_artifacts
@@ -39,15 +38,14 @@ SYSTEMS = {"base": "", "star": "STaR ", "malt": "MALT"}
 
 def system_adapters(recipe: Recipe, run_id: str, backend: InferenceBackend) -> tuple[dict, dict]:
     """role -> adapter name for each system, and which trained adapters were missing."""
-    store = stage_output(recipe, run_id, "train").store
     loaded: dict[str, str | None] = {}
     untrained = []
     for trained in (*ROLES, "star"):
-        key = adapter_key(run_id, trained)
-        if store.exists(f"{key}/adapter_config.json"):
+        unit = trained_adapter(recipe, run_id, trained)
+        if unit is not None:
             name = library_name(run_id, trained)
             if name not in getattr(backend, "adapters", {}):
-                backend.add_adapter(name, str(store.local_dir(key)))
+                backend.add_adapter(name, str(unit.local_dir(f"adapters/{trained}")))
             loaded[trained] = name
         else:
             loaded[trained] = None
@@ -201,8 +199,10 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
     out.write_jsonl("per_question.jsonl", per_question)
     if all(systems["malt"][role] for role in ROLES):
         # promote stores these results in the evaluation cache if this set becomes champion
-        trained = stage_output(recipe, run_id, "train").store
-        dirs = {role: trained.local_dir(adapter_key(run_id, role)) for role in ROLES}
+        dirs = {
+            role: trained_adapter(recipe, run_id, role).local_dir(f"adapters/{role}")  # type: ignore[union-attr]
+            for role in ROLES
+        }
         key = evaluation_key(recipe, adapter_digests(dirs), problems_by_seed)
         out.write_json(EVALUATION_KEY, {"malt": key.as_dict()})
     from malt_ops.plots import accuracy_bars, turnwise_lines

@@ -23,8 +23,7 @@ from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS
 from malt_ops.plots import value_histograms
 from malt_ops.prompts import Messages, generator_messages, refiner_messages, verifier_messages
-from malt_ops.stages.common import already_done, log, stage_output
-from malt_ops.storage import iter_jsonl
+from malt_ops.stages.common import already_done, check_made_with, log, require_done, stage_output
 from malt_ops.tracking import log_stage, stage_artifacts
 from malt_ops.tree import assign_values, sibling_pairs
 
@@ -253,23 +252,69 @@ def check_token_budget(recipe: Recipe, datasets: dict[str, list]) -> dict[str, A
     return {"checked": True, "skip_reason": None, "unchecked_rows": 0, "roles": roles}
 
 
+def check_coverage(
+    run_id: str, questions: list[str], by_shard: dict[int, list[dict[str, Any]]]
+) -> None:
+    """The shards hold one tree per training question: none twice, none missing, none extra.
+
+    Shards of two splits (``sampling.num_shards`` changed between attempts) would otherwise
+    teach some questions twice and others not at all. A tree without a readable problem id
+    is not counted here; label skips and counts it."""
+    seen: dict[str, int] = {}
+    for shard, shard_trees in sorted(by_shard.items()):
+        for tree in shard_trees:
+            problem = tree.get("problem") if isinstance(tree, dict) else None
+            qid = problem.get("id") if isinstance(problem, dict) else None
+            if not isinstance(qid, str):
+                continue
+            if qid in seen:
+                raise MaltError(
+                    f"question {qid} is in sample shards {seen[qid]} and {shard} of run "
+                    f"'{run_id}': resample every shard with --force, or use a new --run-id"
+                )
+            seen[qid] = shard
+    expected = set(questions)
+    if missing := sorted(expected - set(seen)):
+        raise MaltError(
+            f"{len(missing)} of {len(expected)} training questions (first {missing[0]}) are in "
+            f"no sample shard of run '{run_id}': resample every shard with --force, or use a "
+            "new --run-id"
+        )
+    if extra := sorted(set(seen) - expected):
+        raise MaltError(
+            f"sample shard {seen[extra[0]]} of run '{run_id}' holds question {extra[0]}, which "
+            "is not a training question of prepare: resample with --force, or use a new --run-id"
+        )
+
+
 def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out = stage_output(recipe, run_id, STAGE)
     if (done := already_done(out)) is not None:
         return done
     num_shards = recipe.sampling.num_shards
     trees, star_trees = [], []
-    for shard in range(num_shards):
-        sampled = stage_output(recipe, run_id, "sample", unit=f"shard-{shard}")
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    shards = [stage_output(recipe, run_id, "sample", f"shard-{k}") for k in range(num_shards)]
+    for shard, sampled in enumerate(shards):
         if not sampled.done():
             raise MaltError(
                 f"sample shard {shard} of {num_shards} has not finished for run '{run_id}': "
                 f"run `malt-ops sample --shard {shard} --num-shards {num_shards}` first"
             )
-        trees.extend(iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl")))
+    for shard, sampled in enumerate(shards):
+        check_made_with(sampled, recipe)
         manifest = sampled.manifest()
-        if f"star/shard-{shard}.jsonl" in manifest["files"]:
-            star_trees.extend(iter_jsonl(out.store, sampled.key(f"star/shard-{shard}.jsonl")))
+        made = manifest["summary"].get("num_shards")
+        if made is not None and (made, manifest["summary"].get("shard")) != (num_shards, shard):
+            raise MaltError(
+                f"sample shard {shard} of run '{run_id}' was sampled as shard "
+                f"{manifest['summary'].get('shard')} of {made}, not of {num_shards}: resample "
+                f"every shard with --force, or use a new --run-id"
+            )
+        by_shard[shard] = list(sampled.iter_jsonl(f"trees/shard-{shard}.jsonl"))
+        trees.extend(by_shard[shard])
+        if sampled.has(f"star/shard-{shard}.jsonl"):
+            star_trees.extend(sampled.iter_jsonl(f"star/shard-{shard}.jsonl"))
         elif (manifest["summary"].get("policy") or {}).get("generator") is None:
             # A shard without STaR samples (an older malt-ops) sampled with the base
             # generator: its trees' generator nodes are exactly those samples.
@@ -278,7 +323,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
                     "problem": t["problem"],
                     "nodes": [n for n in t["nodes"] if n.get("role") == "generator"],
                 }
-                for t in iter_jsonl(out.store, sampled.key(f"trees/shard-{shard}.jsonl"))
+                for t in by_shard[shard]
                 if _check_tree(t) is None  # a malformed tree is skipped (and counted) once
             )
         else:
@@ -287,6 +332,8 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
                 "and holds no base-generator samples for STaR (an older malt-ops): rerun "
                 "sample under a new --run-id"
             )
+    prepared = require_done(recipe, run_id, "prepare")
+    check_coverage(run_id, [p["id"] for p in prepared.iter_jsonl("problems/train.jsonl")], by_shard)
     datasets, stats = label_trees(trees, recipe.labeling, star_trees)
     stats["token_budget"] = check_token_budget(recipe, datasets)
     for name, rows in datasets.items():

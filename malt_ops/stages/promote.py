@@ -33,7 +33,6 @@ from malt_ops.registry import (
 )
 from malt_ops.significance import paired_by_question
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import client_for, finish_pipeline, log_stage, registry_errors
 
 STAGE = "promote"
@@ -48,9 +47,9 @@ HELP = (
 def _per_question(
     recipe: Recipe, run_id: str, system: str, key: str
 ) -> dict[tuple[int, str], bool]:
-    evaluated = stage_output(recipe, run_id, "evaluate")
+    evaluated = require_done(recipe, run_id, "evaluate")
     outcomes: dict[tuple[int, str], bool] = {}
-    for r in iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl")):
+    for r in evaluated.iter_jsonl("per_question.jsonl"):
         if r["system"] != system:
             continue
         item = (r["seed"], r["question_id"])
@@ -183,11 +182,8 @@ def incomparable(
     if hashlib.sha256(recorded).hexdigest() != champion.tags.get("train_questions_sha256"):
         return f"not compared: {where} does not match the champion's train_questions_sha256"
     trained_on = set(json.loads(recorded)["normalised_question_sha256"])
-    prepared = stage_output(recipe, run_id, "prepare")
-    test = [
-        question_hash(p["question"])
-        for p in iter_jsonl(prepared.store, prepared.key("problems/test.jsonl"))
-    ]
+    prepared = require_done(recipe, run_id, "prepare")
+    test = [question_hash(p["question"]) for p in prepared.iter_jsonl("problems/test.jsonl")]
     shared = sum(h in trained_on for h in test)
     if shared:
         return (
@@ -278,9 +274,8 @@ def _seed_cache(recipe: Recipe, run_id: str, system_version: str, client) -> Non
     here costs that promote one evaluation, never this promotion."""
     from malt_ops.registry import adapter_dir
 
-    evaluated = stage_output(recipe, run_id, "evaluate")
-    recorded_key = evaluated.key(EVALUATION_KEY)
-    if not evaluated.store.exists(recorded_key):
+    evaluated = require_done(recipe, run_id, "evaluate")
+    if not evaluated.has(EVALUATION_KEY):
         log.info("promote: evaluate recorded no evaluation key; the cache is not seeded")
         return
     try:
@@ -289,12 +284,12 @@ def _seed_cache(recipe: Recipe, run_id: str, system_version: str, client) -> Non
             return  # the champion moved on meanwhile: nothing to seed for it
         rows = [
             r
-            for r in iter_jsonl(evaluated.store, evaluated.key("per_question.jsonl"))
+            for r in evaluated.iter_jsonl("per_question.jsonl")
             if r["system"] == CHALLENGER_SYSTEM
         ]
         outcome = seed_from_evaluation(
             recipe,
-            evaluated.store.read_json(recorded_key)[CHALLENGER_SYSTEM],
+            evaluated.read_json(EVALUATION_KEY)[CHALLENGER_SYSTEM],
             rows,
             test_subsets(recipe, run_id),
             {role: adapter_dir(v.source) for role, v in current.roles.items()},
@@ -321,7 +316,7 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     client = client_for(recipe)
     # The decision is written down before the registry moves, so a rerun after a crash
     # applies the same decision instead of finding its own set already champion.
-    pending = out.key("pending/decision.json")
+    pending = out.shared_key("pending/decision.json")  # outlives the attempt, by design
     if out.store.exists(pending):
         log.info("promote: applying the decision taken before an interruption")
     else:
@@ -335,7 +330,7 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out.write_json("decision.json", decision)
     out.commit(decision)
     with suppress(Exception):  # committed: the pending copy has done its job
-        out.store.delete_prefix(out.key("pending"))
+        out.store.delete_prefix(out.shared_key("pending"))
     log_stage(
         recipe,
         run_id,

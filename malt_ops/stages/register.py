@@ -11,9 +11,13 @@ from malt_ops.data import TRAIN_QUESTIONS, question_hash
 from malt_ops.errors import MaltError
 from malt_ops.models import base_model_sha256
 from malt_ops.registry import CHALLENGER, model_name, move_set, register_system_version
-from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.stages.train import adapter_key
-from malt_ops.storage import iter_jsonl
+from malt_ops.stages.common import (
+    already_done,
+    log,
+    require_done,
+    stage_output,
+    trained_adapter,
+)
 from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
 
 STAGE = "register"
@@ -21,6 +25,13 @@ HELP = (
     "Register the run's generator/verifier/refiner adapters as MLflow model versions "
     "(<prefix>-<role>) pointing at the store, and give them alias 'challenger'."
 )
+
+
+def _adapter_key(recipe: Recipe, run_id: str, role: str) -> str:
+    """Where the committed adapter of ``role`` lies (its attempt's folder)."""
+    adapter = trained_adapter(recipe, run_id, role)
+    assert adapter is not None  # register refuses an incomplete set before this
+    return adapter.key(f"adapters/{role}")
 
 
 def _create_version(
@@ -42,9 +53,10 @@ def _create_version(
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
             raise
-    store = stage_output(recipe, run_id, "train").store
+    adapter = trained_adapter(recipe, run_id, role)
+    assert adapter is not None  # register refuses an incomplete set before this
     parent, logged = _logged_source(
-        client, recipe, run_id, str(store.local_dir(adapter_key(run_id, role))), f"adapters/{role}"
+        client, recipe, run_id, str(adapter.local_dir(f"adapters/{role}")), f"adapters/{role}"
     )
     return client.create_model_version(
         name, source=logged, run_id=parent, tags=tags, description=f"from pipeline run {run_id}"
@@ -69,12 +81,9 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     questions) sit in the store."""
     from mlflow.exceptions import MlflowException
 
-    prepared = stage_output(recipe, run_id, "prepare")
+    prepared = require_done(recipe, run_id, "prepare")
     trained_on = sorted(
-        {
-            question_hash(p["question"])
-            for p in iter_jsonl(prepared.store, prepared.key("problems/train.jsonl"))
-        }
+        {question_hash(p["question"]) for p in prepared.iter_jsonl("problems/train.jsonl")}
     )
     out.write_json(f"system/{TRAIN_QUESTIONS}", {"normalised_question_sha256": trained_on})
     tags = {**tags, "train_questions_sha256": out.files[f"system/{TRAIN_QUESTIONS}"]["sha256"]}
@@ -118,10 +127,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     evaluated = require_done(recipe, run_id, "evaluate")
     if not recipe.tracking.enabled:
         raise MaltError("register needs MLflow: set tracking.enabled: true")
-    store = out.store
-    missing = [
-        r for r in ROLES if not store.exists(f"{adapter_key(run_id, r)}/adapter_config.json")
-    ]
+    missing = [r for r in ROLES if trained_adapter(recipe, run_id, r) is None]
     if missing:
         summary = {
             "registered": False,
@@ -132,12 +138,12 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         out.write_json("versions.json", summary)
         out.commit(summary)
         return summary
-    report = store.read_json(evaluated.key("report.json"))
+    report = evaluated.read_json("report.json")
     metrics = {
         metric_name(f"eval.{s['setting']}"): f"{s['mean']:.4f} ± {s['std']:.4f}"
         for s in report["settings"]
     }
-    data_hash = stage_output(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"][
+    data_hash = require_done(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"][
         "sha256"
     ]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
@@ -176,7 +182,7 @@ def _register_set(
             "base_model_sha256": base_sha,
             "recipe_digest": recipe.digest(),
             "data_sha256": data_hash,
-            "malt_ops.store_uri": store.uri(adapter_key(run_id, role)),
+            "malt_ops.store_uri": store.uri(_adapter_key(recipe, run_id, role)),
             **metrics,
         }
         version = _version_of_run(client, name, run_id) or _create_version(

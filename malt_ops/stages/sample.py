@@ -30,7 +30,7 @@ from malt_ops.policy import policy_adapter_paths, run_policy
 from malt_ops.prompts import generator_messages, verdict
 from malt_ops.seeding import SEED_SCHEME
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.storage import Store, dumps_jsonl, iter_jsonl, open_store
+from malt_ops.storage import Store, dumps_jsonl, open_store
 from malt_ops.tracking import log_stage
 
 STAGE = "sample"
@@ -183,9 +183,7 @@ def run(
     if (done := already_done(out)) is not None:
         return done
     prepared = require_done(recipe, run_id, "prepare")
-    problems = shard_of(
-        list(iter_jsonl(out.store, prepared.key("problems/train.jsonl"))), shard, num_shards
-    )
+    problems = shard_of(list(prepared.iter_jsonl("problems/train.jsonl")), shard, num_shards)
     recorded = run_policy(recipe, run_id)
     policy = policy_adapter_paths(recipe, recorded)
     if recorded["kind"] == "champion" and recorded["system_version"] is None:
@@ -199,7 +197,9 @@ def run(
     batches = [problems[i : i + size] for i in range(0, len(problems), size)]
     inputs = _inputs_digest(recipe, policy)
     seed_base = (STAGE, recipe.sampling.seed)
-    store, parts_prefix = out.store, out.key(f"parts/shard-{shard}")
+    # Checkpoints outlive an attempt (a retry resumes from them): below the stage, not the
+    # attempt, each part checked by its own marker.
+    store, parts_prefix = out.store, out.shared_key(f"parts/shard-{shard}")
     adapters: dict[str, str | None] | None = None
     parts: list[bytes] = []
     reused = fresh_tokens = 0

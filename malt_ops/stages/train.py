@@ -17,7 +17,6 @@ from typing import Any
 from malt_ops.config import TRAINED, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.stages.common import already_done, log, require_done, stage_output
-from malt_ops.storage import iter_jsonl
 from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "train"
@@ -25,10 +24,6 @@ HELP = (
     "Train one role's LoRA adapter with TRL: SFT (generator, star) or SFT then DPO against the "
     "SFT adapter (verifier, refiner); writes train/adapters/<role>/."
 )
-
-
-def adapter_key(run_id: str, role: str) -> str:
-    return f"runs/{run_id}/{STAGE}/adapters/{role}"
 
 
 def _final_loss(history: list[dict[str, Any]]) -> float | None:
@@ -54,12 +49,8 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         return done
     labeled = require_done(recipe, run_id, "label")
     cfg = getattr(recipe.training, role)
-    positives = list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_sft.jsonl")))
-    pairs = (
-        []
-        if role == "star"
-        else list(iter_jsonl(out.store, labeled.key(f"datasets/{role}_dpo.jsonl")))
-    )
+    positives = list(labeled.iter_jsonl(f"datasets/{role}_sft.jsonl"))
+    pairs = [] if role == "star" else list(labeled.iter_jsonl(f"datasets/{role}_dpo.jsonl"))
     summary: dict[str, Any] = {
         "role": role,
         "sft_rows": len(positives),
