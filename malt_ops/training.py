@@ -2,10 +2,10 @@
 
 DPO continues from the model SFT left in memory (the base model is loaded once per role):
 the policy is the SFT adapter (trainable) and TRL adds a frozen copy of it as the ``ref``
-adapter, so the reference is the SFT adapter, not the base model and not a second full model. That copy is TRL-version specific (an older
-TRL, or PEFT < 0.20 with ``target_parameters``, computes the reference with adapters
-disabled, i.e. from the base model), so ``check_reference_adapter`` verifies it before
-training starts.
+adapter, so the reference is the SFT adapter, not the base model and not a second full
+model. That copy is TRL-version specific (an older TRL, or PEFT < 0.20 with
+``target_parameters``, computes the reference with adapters disabled, i.e. from the base
+model), so ``check_reference_adapter`` verifies it before training starts.
 
 The token budget: TRL tokenizes a conversational row with the tokenizer's chat template and
 cuts it to ``max_length`` (SFT while preparing the dataset, DPO in its collator), and drops a
@@ -288,9 +288,10 @@ def dpo_trainer(
 def precompute_reference(cfg: RoleTrainingConfig, pairs: int) -> bool:
     """Whether TRL's ``precompute_ref_log_probs`` saves time for ``pairs`` pairs.
 
-    Precomputing runs the reference once over every pair, where training runs it once per
-    pair it draws; it pays only when training draws more pairs than there are (more than one
-    pass over the data). bench/training.py measures both.
+    Precomputing runs the reference once over every pair (also those a ``dpo_max_steps`` cut
+    never reaches), where training runs it once per pair it draws; it pays only when training
+    draws more pairs than there are (more than one pass over the data). The results agree
+    either way (tests/test_train.py); bench/training.py measures the time.
     """
     if cfg.dpo_max_steps > 0:
         drawn = cfg.dpo_max_steps * cfg.batch_size * cfg.grad_accum

@@ -373,6 +373,8 @@ def test_comparisons_in_the_recipe(recipe_file):
             load_recipe(recipe_file(), [f"evaluation.comparisons={bad}"])
 
 
+@pytest.mark.slow  # a real evaluate of 3 systems with MLflow and S3 (95-514 s on 2 shared cores);
+# tests/test_run.py's end-to-end run checks the same outputs hold the comparisons
 @pytest.mark.model
 def test_evaluate_writes_and_logs_the_comparisons(
     recipe_file, hf_backend, model_dir, mlflow_server, monkeypatch, tmp_path
