@@ -159,9 +159,14 @@ def reuse_training(recipe: Recipe, run_id: str, source: str) -> dict[str, float]
         raise MaltError(
             "--train-from needs tracking.enabled: the source recipe is read from MLflow"
         )
+    # The source's prepare was made from its own recipe (its test split may differ): only
+    # its training questions must be this run's.
+    earlier = stage_output(recipe, source, "prepare")
+    if not earlier.done():
+        raise MaltError(f"--train-from {source}: its prepare stage has not finished")
     question_files = [
-        require_done(recipe, rid, "prepare").manifest()["files"]["problems/train.jsonl"]["sha256"]
-        for rid in (source, run_id)
+        unit.manifest()["files"]["problems/train.jsonl"]["sha256"]
+        for unit in (earlier, require_done(recipe, run_id, "prepare"))
     ]
     if question_files[0] != question_files[1]:
         raise MaltError(
