@@ -146,7 +146,9 @@ class LocalStore(Store):
             self._write(path, data)
 
     @staticmethod
-    def _write(path: Path, data: bytes) -> None:
+    def _write(path: Path, data: bytes, replace: bool = True) -> bool:
+        """A whole temporary file beside ``path``, then moved into place; with ``replace``
+        False a link instead of a rename, which never replaces an existing file (False then)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
@@ -155,29 +157,21 @@ class LocalStore(Store):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; stored files follow the umask
-            os.replace(tmp, path)
-        except BaseException:
+            if replace:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
 
     def create_bytes(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         with reporting_disk_full(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(tmp, 0o666 & ~_UMASK)
-                try:
-                    os.link(tmp, path)  # unlike a rename, a link never replaces an existing file
-                except FileExistsError:
-                    return False
-                return True
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            return self._write(path, data, replace=False)
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
