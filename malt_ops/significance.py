@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
 
 Item = tuple[Hashable, Hashable]
 """(seed, question id)."""
@@ -100,6 +99,9 @@ def sign_flip_p_value(steps: Any) -> float:
     magnitudes = np.abs(values)
     magnitudes //= np.gcd.reduce(magnitudes)
     observed = int(magnitudes[values > 0].sum())  # the positive part of T, as T = 2X - sum|d|
+    # Imported here: scipy.stats costs ~2 s at import, and every CLI command imports this.
+    from scipy.stats import binom
+
     dist = np.ones(1)  # pmf of X = sum of the magnitudes given a positive sign
     for m, count in zip(*np.unique(magnitudes, return_counts=True), strict=True):
         m, count = int(m), int(count)

@@ -199,8 +199,16 @@ def _texts(backend, scheduler, prompts, params, adapter=None):
         backend.scheduler = "continuous"
 
 
-@pytest.mark.parametrize("adapter", [None, "lora"])
-@pytest.mark.parametrize("n", [1, 2])
+# The adapter with one sample stays in `make test`; the other three (about 70 s) are slow.
+@pytest.mark.parametrize(
+    ("adapter", "n"),
+    [
+        ("lora", 1),
+        pytest.param(None, 1, marks=pytest.mark.slow),
+        pytest.param(None, 2, marks=pytest.mark.slow),
+        pytest.param("lora", 2, marks=pytest.mark.slow),
+    ],
+)
 def test_continuous_greedy_matches_static(hf_small, adapter, n):
     """Greedy: token-identical to the static generate() path, base model and adapter alike."""
     prompts = _chain_prompts()
@@ -220,6 +228,7 @@ def test_continuous_adapter_honoured_per_call(hf_small):
     assert all(b != t for b, t in zip(base, tuned, strict=True))
 
 
+@pytest.mark.slow  # about 45 s
 def test_continuous_sampling_reproducible_per_item(hf_small):
     """Sample k of prompt i depends on its seed only: alone, reordered, at any batch size;
     and it is the static path's sample (the same per-row draws)."""
@@ -256,6 +265,7 @@ def test_continuous_sampling_reproducible_per_item(hf_small):
     assert sum(a == b for a, b in pairs) >= len(pairs) - 2, pairs
 
 
+@pytest.mark.slow  # about 45 s
 def test_continuous_refills_rows_and_encodes_shared_prefixes_once(hf_small):
     """Finished rows leave the batch (no decode step is spent on a finished or padding row)
     and the verifier prompts' shared prefix is encoded once: fewer prompt tokens and decode
