@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,100 @@ from common import report, table
 
 REPO = Path(__file__).resolve().parents[1]
 DIRECT_STAGES = ("prepare", "sample", "label", "train", "evaluate")
+SCIENCE_STAGES = ("sample", "label", "train", "evaluate")
+
+
+def sections(script: str) -> list[tuple[str, str]]:
+    """(heading, text) of each RESULTS.md section that ``script`` appended, oldest first."""
+    from common import RESULTS
+
+    found, heading, lines = [], None, []
+    for line in [*RESULTS.read_text(encoding="utf-8").splitlines(), "## end"]:
+        if line.startswith("## "):
+            if heading and heading.startswith(f"## {script}"):
+                found.append((heading[3:], "\n".join(lines)))
+            heading, lines = line, []
+        else:
+            lines.append(line)
+    return found
+
+
+def stage_walls(text: str) -> dict[str, float]:
+    """Seconds per stage (units summed) from a bench/pipeline.py section's stage table."""
+    walls: dict[str, float] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"[0-9.]+", cells[1]) and cells[0] != "part":
+            stage = cells[0].split(" [")[0]
+            walls[stage] = walls.get(stage, 0.0) + float(cells[1])
+    return walls
+
+
+def science_minutes(text: str) -> dict[str, float]:
+    """Minutes per stage of the whole science cycle, as bench/science.py's section states them
+    ("sample 18.4 min, ... train 37.3 min", "evaluate 94.5 min"): the first figure per stage."""
+    minutes: dict[str, float] = {}
+    for stage, value in re.findall(r"\b(sample|label|train|evaluate) ([0-9.]+) min\b", text):
+        minutes.setdefault(stage, float(value))
+    return minutes
+
+
+def before_after(recipe: str, walls: dict[str, float]) -> str:
+    """This run's stage walls beside the last earlier bench/pipeline.py table of the same
+    recipe, and the science cycle of bench/science.py's last science-test table scaled stage by
+    stage with those measured ratios (an estimate, labelled as one)."""
+    name = Path(recipe).name
+    earlier = [(h, t) for h, t in sections("bench/pipeline.py") if f"\n{name} (" in t]
+    if not earlier:
+        return f"No earlier bench/pipeline.py table of {name} in RESULTS.md to compare with."
+    heading, text = earlier[-1]
+    before = stage_walls(text)
+    rows, ratios = [], {}
+    for stage in walls:
+        if stage in before and before[stage] > 0:
+            ratios[stage] = walls[stage] / before[stage]
+            rows.append(
+                [stage, f"{before[stage]:.1f}", f"{walls[stage]:.1f}", f"{1 / ratios[stage]:.2f}x"]
+            )
+    total_before, total_now = sum(before.values()), sum(walls.values())
+    rows.append(
+        [
+            "all stages",
+            f"{total_before:.1f}",
+            f"{total_now:.1f}",
+            f"{total_before / total_now:.2f}x",
+        ]
+    )
+    out = (
+        f"Before / after, measured: {name} stage walls against the table of {heading} "
+        "(the same bench, same recipe, same machine kind; two runs on different days, so "
+        "small ratios are noise):\n\n" + table(["stage", "before s", "now s", "speed-up"], rows)
+    )
+    science = [t for h, t in sections("bench/science.py") if "science-test" in h]
+    minutes = science_minutes(science[-1]) if science else {}
+    if not all(stage in minutes for stage in SCIENCE_STAGES):
+        return out + "\n\nNo bench/science.py science-test table with stage minutes to scale."
+    scaled = {s: minutes[s] * ratios.get(s, 1.0) for s in SCIENCE_STAGES}
+    science_rows = [
+        [s, f"{minutes[s]:.1f}", f"{ratios.get(s, 1.0):.2f}", f"{scaled[s]:.1f}"]
+        for s in SCIENCE_STAGES
+    ]
+    science_rows.append(
+        [
+            "science cycle",
+            f"{sum(minutes.values()):.1f}",
+            "",
+            f"{sum(scaled.values()):.1f} (estimated)",
+        ]
+    )
+    return (
+        out
+        + "\n\nScience cycle (science-test.yaml, Qwen2.5-0.5B), ESTIMATED: its measured minutes "
+        "per stage before (bench/science.py's last science-test table) x this table's "
+        "now/before ratio of the same stage on local.yaml. The science model is larger and its "
+        "prompts longer, so the ratio carries over only roughly:\n\n"
+        + table(["stage", "before min (measured)", "x ratio", "now min (estimated)"], science_rows)
+    )
 
 
 class MlflowCalls:
@@ -310,10 +405,17 @@ def main() -> None:
             + f"\n\nOverhead by difference: {by_difference:.1f} s "
             f"({by_difference / (wall - registry):.1%} of the DAG's wall without register + promote)."
         )
+    by_stage_now: dict[str, float] = {}
+    for unit in units:
+        seconds = unit["end"] - unit["start"]
+        by_stage_now[unit["stage"]] = by_stage_now.get(unit["stage"], 0.0) + seconds
+    body += "\n\n" + before_after(args.recipe, by_stage_now)
     share = overhead / wall
     verdict = (
         f"Target: Airflow + MLflow overhead <= 10% of the pipeline -> "
-        f"{'met' if share <= 0.10 else 'NOT met'} ({overhead:.1f} s of {wall:.1f} s = {share:.1%})."
+        f"{'met' if share <= 0.10 else 'NOT met'} ({overhead:.1f} s of {wall:.1f} s = {share:.1%}).\n"
+        f"Target: `make run` after setup <= 5 min -> {'met' if wall <= 300 else 'NOT met'} "
+        f"({wall / 60:.1f} min)."
     )
     report("bench/pipeline.py", body, verdict, append=not args.no_append)
 
