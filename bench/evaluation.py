@@ -45,7 +45,7 @@ def load(args: argparse.Namespace):
     """The recipe (with --greedy applied) and its evaluation questions, by seed."""
     from malt_ops.config import load_recipe
     from malt_ops.data import load_splits
-    from malt_ops.stages.evaluate import subset_positions
+    from malt_ops.evaluation import subset_positions
 
     overrides = ["evaluation.temperature=0"] if args.greedy else []
     recipe = load_recipe(REPO / args.recipe, overrides)
@@ -118,7 +118,7 @@ class ForwardTimer:
 
 def run_path(backend, recipe, by_seed, systems, label: str) -> dict:
     """Every system's chains on the current backend settings; usage deltas and results."""
-    from malt_ops.stages.evaluate import run_system
+    from malt_ops.evaluation import run_system
 
     usage = backend.usage
     before = {k: getattr(usage, k) for k in vars(usage) if k != "by_adapter"}
