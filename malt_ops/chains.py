@@ -75,7 +75,7 @@ def expand_trees(
             seeds.append(derive_seed(*seed_bases[tree_index], str(problem["id"]), path, role))
         params = SamplingParams(
             n=n,
-            temperature=sampling.temperature,
+            temperature=sampling.temperature_of(role),
             top_p=sampling.top_p,
             max_new_tokens=getattr(sampling.max_new_tokens, role),
             seeds=tuple(seeds),

@@ -314,6 +314,14 @@ class RoleTokens(_Section):
     refiner: int = Field(default=256, gt=0)
 
 
+class RoleTemperatures(_Section):
+    """Per-role sampling temperature; null: the section's ``temperature``."""
+
+    generator: float | None = Field(default=None, ge=0)
+    verifier: float | None = Field(default=None, ge=0)
+    refiner: float | None = Field(default=None, ge=0)
+
+
 class RoleAdapters(_Section):
     generator: str | None = None
     verifier: str | None = None
@@ -327,6 +335,9 @@ class SamplingConfig(_Section):
     m: int = Field(default=3, gt=0)
     l: int = Field(default=3, gt=0)  # noqa: E741 - the paper's name for the refiner branching factor
     temperature: float = Field(default=0.3, ge=0)
+    role_temperatures: RoleTemperatures = Field(default_factory=RoleTemperatures)
+    """Overrides per role, e.g. ``{refiner: 1.0}``: a hotter refiner puts real corrections of
+    wrong generator answers into the tree for DPO to prefer (issue 18)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: RoleTokens = Field(default_factory=RoleTokens)
     num_shards: int = Field(default=1, gt=0)
@@ -339,6 +350,11 @@ class SamplingConfig(_Section):
     adapters: use sampling.adapters."""
     adapters: RoleAdapters = Field(default_factory=RoleAdapters)
     """Adapter directories per role for policy 'adapters'; null = base model with role prompt."""
+
+    def temperature_of(self, role: str) -> float:
+        """The temperature ``role`` samples at: its override, else ``temperature``."""
+        override = getattr(self.role_temperatures, role)
+        return self.temperature if override is None else override
 
 
 class LabelingConfig(_Section):

@@ -30,6 +30,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "model",
         "inference",
         *(f"sampling.{key}" for key in ("n", "m", "l", "temperature", "top_p")),
+        "sampling.role_temperatures",
         "sampling.max_new_tokens",
         "sampling.num_shards",
         "sampling.seed",
@@ -111,13 +112,24 @@ def input_units(recipe: Recipe, stage: str) -> list[tuple[str, str | None]]:
 
 
 def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for each recipe value that differs (a key only one side has counts)."""
+    """'key: old -> new' for each recipe value that differs. A key only one side has counts,
+    unless the other side's value is null: a key added to the recipe later with a null
+    default means what outputs made before it were made with."""
     missing = "(unset)"
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side.get(key, missing)
+
     return [
-        f"{key}: {json.dumps(recorded.get(key, missing))} -> {json.dumps(current.get(key, missing))}"
+        f"{key}: {json.dumps(value(recorded, key))} -> {json.dumps(value(current, key))}"
         for key in sorted(set(recorded) | set(current))
-        if recorded.get(key, missing) != current.get(key, missing)
+        if value(recorded, key) != value(current, key)
+        and not _added_as_null(value(recorded, key), value(current, key), missing)
     ]
+
+
+def _added_as_null(old: Any, new: Any, missing: str) -> bool:
+    return (old == missing and new is None) or (old is None and new == missing)
 
 
 def first_stage(changes: list[str]) -> str:

@@ -87,6 +87,7 @@ def _pipeline(recipe) -> dict[str, str | None]:
         ("sampling.num_shards=2", "sample", {"sampleshard-0", "sampleshard-1", "label"}),
         ("labeling.threshold=0.3", "label", {"label"}),
         ("model.dtype=bfloat16", "sample", {"sampleshard-0", "label"}),
+        ("sampling.role_temperatures.refiner=1.0", "sample", {"sampleshard-0", "label"}),
     ],
 )
 def test_changed_recipe_is_refused_and_force_redoes_the_stage_and_after(
@@ -255,3 +256,42 @@ def test_a_file_changed_after_commit_is_refused_by_its_reader(store_root, recipe
     assert "\n" not in line and prepared.store.uri(key) in line, line
     assert "changed after prepare committed" in line and "--force" in line, line
     assert not stage_output(recipe, RUN, "sample", "shard-0").done()
+
+
+def test_a_key_added_later_with_a_null_default_leaves_older_outputs_current(recipe_file):
+    """A manifest committed before ``sampling.role_temperatures`` existed (its record lacks
+    the key) was made with what the key's null default means: the rerun skips it."""
+    recipe = _recipe(recipe_file)
+    before = _pipeline(recipe)
+    # label's record holds the sampling keys too (upstream), and nothing reads label's digest
+    out = stage_output(recipe, RUN, "label")
+    manifest = out.manifest()
+    recorded = manifest["provenance"]["recipe"]
+    added = [k for k in recorded if k.startswith("sampling.role_temperatures.")]
+    assert added and all(recorded[k] is None for k in added)
+    for key in added:
+        del recorded[key]
+    out.store.write_json(out.manifest_key, manifest)
+    assert _pipeline(recipe) == before
+    with pytest.raises(MaltError, match="sampling.role_temperatures.refiner"):
+        label.run(_recipe(recipe_file, "sampling.role_temperatures.refiner=1.0"), RUN)
+
+
+def test_a_role_temperature_is_what_that_role_samples_at():
+    from malt_ops.chains import expand_trees
+    from malt_ops.config import SamplingConfig
+
+    seen: dict[str, float] = {}
+
+    class Recording(SeededBackend):
+        def generate(self, prompts, params, adapter=None, desc="generate"):
+            seen[desc] = params.temperature
+            return super().generate(prompts, params, adapter, desc)
+
+    sampling = SamplingConfig(
+        n=1, m=1, l=1, temperature=0.4, role_temperatures={"refiner": 1.1}
+    )
+    problem = {"id": "q1", "question": "1+1?", "answer": "2", "benchmark": "gsm8k"}
+    adapters = {"generator": None, "verifier": None, "refiner": None}
+    expand_trees([problem], Recording(), sampling, adapters, [("sample", 0)])
+    assert seen == {"generator": 0.4, "verifier": 0.4, "refiner": 1.1}

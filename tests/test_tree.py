@@ -78,3 +78,24 @@ def test_a_value_at_the_threshold_is_counted_left_of_it():
     assert value_bin(0.5) == 4  # (0.4, 0.5]: left of the line, with the other negatives
     assert value_bin(0.51) == 5
     assert value_bin(0.0) == 0 and value_bin(1.0) == 9 and value_bin(0.1) == 0
+
+
+def test_label_counts_the_corrections_the_refiner_leaves_offer():
+    """Issue 18: of the refiner leaves under a wrong generator answer, how many fixed it; of
+    those under a right one, how many broke it."""
+    from malt_ops.stages.label import _correction_shares, _refiner_flips
+
+    nodes = build([[[1, 0], [0, 0]], [[1, 0], [1, 1]]])
+    generator_right = {"g0": False, "g1": True}
+    for node in nodes:
+        gen = node["id"].split(".")[0]
+        node["correct"] = bool(node["reward"]) if node["role"] == "refiner" else generator_right[gen]
+    shares = _correction_shares(_refiner_flips(nodes, {n["id"]: n for n in nodes}))
+    assert shares == {
+        "leaves_under_wrong": 4,
+        "fixed": 1,
+        "fixed_share": 0.25,
+        "leaves_under_right": 4,
+        "broken": 1,
+        "broken_share": 0.25,
+    }

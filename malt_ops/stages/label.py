@@ -141,12 +141,14 @@ def label_trees(
     histograms = {role: [0] * HISTOGRAM_BINS for role in ROLES}
     skipped: Counter = Counter()
     no_positive = 0
+    flips: Counter = Counter()
     for tree in trees:
         if reason := _check_tree(tree):
             skipped[reason] += 1
             continue
         problem, nodes = tree["problem"], tree["nodes"]
         by_id = {n["id"]: n for n in nodes}
+        flips.update(_refiner_flips(nodes, by_id))
         labels = assign_values(nodes, cfg.pooling, cfg.threshold)
         for node in nodes:
             histograms[node["role"]][value_bin(labels[node["id"]].value)] += 1
@@ -217,8 +219,37 @@ def label_trees(
             for role in ROLES
         },
         "star": {"positives": per_role["star"].get("positives", 0)},
+        "corrections": _correction_shares(flips),
     }
     return datasets, stats
+
+
+def _refiner_flips(nodes: list[dict[str, Any]], by_id: dict[str, dict]) -> Counter:
+    """Refiner leaves by (their generator's answer right?, their own right?)."""
+    flips: Counter = Counter()
+    for node in nodes:
+        if node["role"] != "refiner":
+            continue
+        verifier = by_id.get(node.get("parent"))
+        generator = verifier and by_id.get(verifier.get("parent"))
+        if generator:
+            flips[(bool(generator["correct"]), bool(node["correct"]))] += 1
+    return flips
+
+
+def _correction_shares(flips: Counter) -> dict[str, Any]:
+    """What the refiner leaves offer DPO (issue 18): of the leaves under a wrong generator
+    answer, the share that fixed it; of those under a right one, the share that broke it."""
+    under_wrong = flips[(False, True)] + flips[(False, False)]
+    under_right = flips[(True, True)] + flips[(True, False)]
+    return {
+        "leaves_under_wrong": under_wrong,
+        "fixed": flips[(False, True)],
+        "fixed_share": flips[(False, True)] / under_wrong if under_wrong else None,
+        "leaves_under_right": under_right,
+        "broken": flips[(True, False)],
+        "broken_share": flips[(True, False)] / under_right if under_right else None,
+    }
 
 
 def training_datasets(recipe: Recipe, role: str) -> list[str]:
@@ -354,6 +385,11 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         "questions_without_positive": stats["questions_without_positive"],
         "token_budget.unchecked_rows": stats["token_budget"]["unchecked_rows"],
     }
+    metrics |= {
+        f"corrections.{key}": value
+        for key, value in stats["corrections"].items()
+        if value is not None
+    }
     for budget in stats["token_budget"].get("roles", {}).values():
         metrics |= {f"truncated.{name}": d["truncated"] for name, d in budget["datasets"].items()}
     if truncated := {k: v for k, v in metrics.items() if k.startswith("truncated.") and v}:
@@ -367,6 +403,14 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         f"{role:<10} {s['nodes']:>6} {s['positives']:>6} {s['negatives']:>6} {s['pairs']:>6}"
         for role, s in stats["roles"].items()
     ]
+    corrections = stats["corrections"]
+    log.info(
+        "label: refiner leaves fixed %d of %d wrong generator answers, broke %d of %d right ones",
+        corrections["fixed"],
+        corrections["leaves_under_wrong"],
+        corrections["broken"],
+        corrections["leaves_under_right"],
+    )
     log.info(
         "label: %d questions (%d without any positive)\n%-10s %6s %6s %6s %6s\n%s",
         stats["questions"],

@@ -70,7 +70,7 @@ def _star_cache_key(recipe: Recipe, problems: list[dict[str, Any]]) -> str:
         "backend": recipe.inference.backend,
         "dtype": recipe.model.dtype,
         "n": sampling.n,
-        "temperature": sampling.temperature,
+        "temperature": sampling.temperature_of("generator"),
         "top_p": sampling.top_p,
         "max_new_tokens": sampling.max_new_tokens.generator,
         "seed": sampling.seed,
