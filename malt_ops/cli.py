@@ -87,6 +87,20 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     return previous
 
 
+def cmd_answer(args: argparse.Namespace) -> dict[str, Any]:
+    from malt_ops import system_model
+
+    recipe = _recipe(args)
+    questions = system_model.read_questions(args.questions, args.file)
+    if args.run_id:
+        rows = system_model.run_answers(recipe, validate_run_id(args.run_id), questions)
+    else:
+        rows = system_model.registered_answers(recipe, args.alias, questions)
+    for question, row in zip(questions, rows, strict=True):
+        print(system_model.format_answer(question, row) + "\n", flush=True)
+    return {"answers": rows}
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _recipe(args)
     run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -137,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
         "Move alias 'champion' back to the set it replaced (all three roles together).",
         cmd_rollback,
         run_id_required=False,
+    )
+    sub = add(
+        "answer",
+        "Ask the MALT system: print each turn of the chain and the final answer. Reads "
+        "models:/<prefix>-system@<alias> from the registry, or a run's own adapters "
+        "with --run-id.",
+        cmd_answer,
+        run_id_required=False,
+    )
+    sub.add_argument("questions", nargs="*", help="questions to ask (quote each one)")
+    sub.add_argument(
+        "--alias",
+        default="champion",
+        choices=("champion", "challenger"),
+        help="which registered system to ask (default champion)",
+    )
+    sub.add_argument(
+        "--file", help='JSONL file of questions, one {"question": ...} object per line'
     )
     sub = add(
         "run",

@@ -367,7 +367,8 @@ def answer_classes(problem: dict[str, Any], answers: Sequence[str | None]) -> li
     elif benchmark == "csqa":
         keys = [csqa_letter(a, problem.get("choices")) for a in answers]
     elif benchmark == "reasoning_gym":
-        numeric = _numeric_gold(problem["answer"]) is not None
+        # A question without a gold answer (one a user asks) votes by value where it can.
+        numeric = problem["answer"] is None or _numeric_gold(problem["answer"]) is not None
         keys = []
         for answer in answers:
             value = parse_number(answer) if numeric else None
@@ -385,10 +386,27 @@ def answer_classes(problem: dict[str, Any], answers: Sequence[str | None]) -> li
     return _group([k is not None for k in keys], same)
 
 
+def read_answer(benchmark: str, response: str | None, choices: Sequence[str] | None) -> Grade:
+    """The answer of a response to a question without a gold answer (one a user asks), read
+    as the grader reads it; ``correct`` is always False: nothing to compare with."""
+    extracted, fallback = extract_answer(response)
+    if benchmark == "gsm8k":
+        value = parse_number(extracted)
+        extracted = format_number(value) if value is not None else None
+    elif benchmark == "csqa":
+        extracted = csqa_letter(extracted, choices)
+    return Grade(extracted, False, fallback and extracted is not None)
+
+
 def grade_many(problems: Sequence[dict[str, Any]], responses: Sequence[str | None]) -> list[Grade]:
     """Grade each response against its problem record (see malt_ops.data.Problem)."""
     grades: list[Grade | None] = [None] * len(responses)
-    math_items = [i for i, p in enumerate(problems) if p["benchmark"] == "math"]
+    for index, (problem, response) in enumerate(zip(problems, responses, strict=True)):
+        if problem.get("answer") is None:
+            grades[index] = read_answer(problem["benchmark"], response, problem.get("choices"))
+    math_items = [
+        i for i, p in enumerate(problems) if p["benchmark"] == "math" and grades[i] is None
+    ]
     if math_items:
         results = grade_math_many(
             [problems[i]["answer"] for i in math_items], [responses[i] for i in math_items]

@@ -273,7 +273,7 @@ def test_a_key_added_later_with_a_null_default_leaves_older_outputs_current(reci
         del recorded[key]
     out.store.write_json(out.manifest_key, manifest)
     assert _pipeline(recipe) == before
-    with pytest.raises(MaltError, match="sampling.role_temperatures.refiner"):
+    with pytest.raises(MaltError, match=r"sampling\.role_temperatures\.refiner"):
         label.run(_recipe(recipe_file, "sampling.role_temperatures.refiner=1.0"), RUN)
 
 

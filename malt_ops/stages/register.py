@@ -88,6 +88,7 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     out.write_json(f"system/{TRAIN_QUESTIONS}", {"normalised_question_sha256": trained_on})
     tags = {**tags, "train_questions_sha256": out.files[f"system/{TRAIN_QUESTIONS}"]["sha256"]}
     out.write_json("system/system.json", {"roles": versions, "run_id": run_id})
+    _save_pyfunc(recipe, run_id, out, tags["base_model_sha256"])
     source = out.store.uri(out.key("system"))
     try:
         return register_system_version(recipe, run_id, versions, source, client, tags)
@@ -100,6 +101,26 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     return register_system_version(
         recipe, run_id, versions, logged, client, tags, source_run_id=parent
     )
+
+
+def _save_pyfunc(recipe: Recipe, run_id: str, out, base_sha256: str) -> None:
+    """The system version's files are an MLflow pyfunc (malt_ops.system_model): loadable
+    and servable as ``models:/<prefix>-system@<alias>``. MLmodel goes last."""
+    import tempfile
+    from pathlib import Path
+
+    from malt_ops.system_model import save_system_model, system_config
+
+    adapters = {}
+    for role in ROLES:
+        adapter = trained_adapter(recipe, run_id, role)
+        assert adapter is not None  # register refuses an incomplete set before this
+        adapters[role] = adapter.local_dir(f"adapters/{role}")
+    with tempfile.TemporaryDirectory() as scratch:
+        model = save_system_model(
+            Path(scratch) / "system", system_config(recipe, base_sha256), adapters
+        )
+        out.put_dir("system", model, last="MLmodel")
 
 
 def _create_model(client, name: str, description: str) -> None:
