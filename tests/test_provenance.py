@@ -288,9 +288,7 @@ def test_a_role_temperature_is_what_that_role_samples_at():
             seen[desc] = params.temperature
             return super().generate(prompts, params, adapter, desc)
 
-    sampling = SamplingConfig(
-        n=1, m=1, l=1, temperature=0.4, role_temperatures={"refiner": 1.1}
-    )
+    sampling = SamplingConfig(n=1, m=1, l=1, temperature=0.4, role_temperatures={"refiner": 1.1})
     problem = {"id": "q1", "question": "1+1?", "answer": "2", "benchmark": "gsm8k"}
     adapters = {"generator": None, "verifier": None, "refiner": None}
     expand_trees([problem], Recording(), sampling, adapters, [("sample", 0)])

@@ -89,7 +89,9 @@ def test_label_counts_the_corrections_the_refiner_leaves_offer():
     generator_right = {"g0": False, "g1": True}
     for node in nodes:
         gen = node["id"].split(".")[0]
-        node["correct"] = bool(node["reward"]) if node["role"] == "refiner" else generator_right[gen]
+        node["correct"] = (
+            bool(node["reward"]) if node["role"] == "refiner" else generator_right[gen]
+        )
     shares = _correction_shares(_refiner_flips(nodes, {n["id"]: n for n in nodes}))
     assert shares == {
         "leaves_under_wrong": 4,
