@@ -182,8 +182,10 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
     parent = parent_run_id(client, recipe, run_id)
     experiment_id = client.get_run(parent).info.experiment_id
     name = f"{stage}[{unit}]" if unit else stage
+    started, finished = _unit_times(recipe, run_id, stage, unit)
     child = client.create_run(
         experiment_id,
+        start_time=started,
         run_name=name,
         tags={
             "mlflow.parentRunId": parent,
@@ -193,7 +195,7 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
             "malt_ops.unit": unit or "",
         },
     )
-    now = int(time.time() * 1000)
+    now = finished or int(time.time() * 1000)
     batch = [
         Metric(metric_name(k), float(v), now, 0)
         for k, v in metrics.items()
@@ -210,8 +212,23 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             client.log_artifacts(child.info.run_id, scratch)
-    client.set_terminated(child.info.run_id, "FINISHED")
+    client.set_terminated(child.info.run_id, "FINISHED", end_time=finished)
     return child.info.run_id
+
+
+def _unit_times(
+    recipe: Recipe, run_id: str, stage: str, unit: str | None
+) -> tuple[int | None, int | None]:
+    """When the committed unit's attempt started and finished (epoch ms), from its manifest:
+    a stage is logged after it commits, and its MLflow run should span the work, not the
+    logging. (None, None) when the unit is not committed (MLflow then uses the time now)."""
+    from malt_ops.storage import StageOutput, open_store
+
+    try:
+        manifest = StageOutput(open_store(recipe.storage.root), run_id, stage, unit).manifest()
+        return int(manifest["started_at"] * 1000), int(manifest["finished_at"] * 1000)
+    except Exception:  # any store error: the times are a nicety, the metrics are not
+        return None, None
 
 
 def stage_artifacts(out) -> dict[str, bytes]:

@@ -51,6 +51,10 @@ def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_reci
     assert parent.data.params["labeling.threshold"] == "0.5"
     assert child.data.metrics["train_problems"] == tracked_recipe.data.train_size
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["stats.json"]
+    # the stage run spans the stage's work (its manifest's times), not the moment it was logged
+    manifest = stage_output(tracked_recipe, "track-1", "prepare").manifest()
+    assert child.info.start_time == int(manifest["started_at"] * 1000)
+    assert child.info.end_time == int(manifest["finished_at"] * 1000)
     objects = mlflow_server["s3"].list_objects_v2(
         Bucket=mlflow_server["bucket"], Prefix="mlflow-artifacts/"
     )
