@@ -156,12 +156,26 @@ def log_stage(
     metrics: dict[str, float] | None = None,
     series: dict[str, Iterable[tuple[int, float]]] | None = None,
     artifacts: dict[str, bytes] | None = None,
+    headline: dict[str, float] | None = None,
 ) -> str | None:
-    """Log one finished stage unit as a nested run; returns its MLflow run id (None if not tracked)."""
+    """Log one finished stage unit as a nested run; returns its MLflow run id (None if not tracked).
+
+    ``headline``: metrics that are also logged on the pipeline's parent run, so that MLflow's
+    runs list and compare view show cycles side by side (evaluate's rows and gains, promote's
+    decision)."""
     if not recipe.tracking.enabled:
         return None
     try:
-        return _log_stage(recipe, run_id, stage, unit, metrics or {}, series or {}, artifacts or {})
+        return _log_stage(
+            recipe,
+            run_id,
+            stage,
+            unit,
+            metrics or {},
+            series or {},
+            artifacts or {},
+            headline or {},
+        )
     except Exception as exc:
         log.warning(
             "MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
@@ -173,7 +187,7 @@ def log_stage(
         return None
 
 
-def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
+def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts, headline) -> str:
     import time
 
     from mlflow.entities import Metric
@@ -205,6 +219,13 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts) -> str:
         batch += [Metric(metric_name(key), float(v), now, int(step)) for step, v in points]
     for start in range(0, len(batch), 1000):
         client.log_batch(child.info.run_id, metrics=batch[start : start + 1000])
+    on_parent = [
+        Metric(metric_name(k), float(v), now, 0)
+        for k, v in headline.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    if on_parent:
+        client.log_batch(parent, metrics=on_parent)
     if artifacts:
         with tempfile.TemporaryDirectory(prefix="malt-artifacts-") as scratch:
             for path, data in artifacts.items():

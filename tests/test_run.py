@@ -211,6 +211,8 @@ def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_se
     assert {"MALT_vs_SA.p_value", "MALT_vs_SA.effect", "comparisons.target_met"} <= set(
         evaluate.data.metrics
     )
+    headline = {"MALT.mean", "SA.mean", "MALT_vs_SA.p_value", "comparisons.target_met"}
+    assert headline | {"promote.promoted"} <= set(parent.data.metrics)
     assert "leaf_accuracy" in by_stage["sampleshard-0"].data.metrics
     assert "refiner.pairs" in by_stage["label"].data.metrics
     history = client.get_metric_history(by_stage["trainrefiner"].info.run_id, "sft_loss")

@@ -115,6 +115,14 @@ def test_register_then_promote_against_the_base(tracked_recipe, mlflow_server, c
     assert "PROMOTED" in capsys.readouterr().out
     champion = alias_versions(tracked_recipe, CHAMPION, client)
     assert {r: v.version for r, v in champion.items()} == summary["versions"]
+    # the decision is on the pipeline's parent run too: the runs list compares cycles
+    experiment = client.get_experiment_by_name(tracked_recipe.tracking.experiment)
+    (parent,) = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{RUN_TAG}` = 'reg-1' and tags.`malt_ops.kind` = 'pipeline'",
+    )
+    assert parent.data.metrics["promote.promoted"] == 1.0
+    assert parent.data.metrics["promote.p_value"] == 0.5**12
     decision_file = stage_output(tracked_recipe, "reg-1", "promote").key("decision.json")
     assert json.loads(
         stage_output(tracked_recipe, "reg-1", "promote").store.read_text(decision_file)

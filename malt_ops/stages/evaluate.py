@@ -243,7 +243,11 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
     }
     metrics |= comparison_metrics(report["comparisons"])
     out.commit({"settings": summary, "untrained": notes["untrained"], "questions_per_seed": size})
-    log_stage(recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out))
+    headline = {f"{s['setting']}.mean": s["mean"] for s in report["settings"]}
+    headline |= comparison_metrics(report["comparisons"])
+    log_stage(
+        recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out), headline=headline
+    )
     print(
         f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"
     )

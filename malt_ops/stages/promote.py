@@ -331,17 +331,18 @@ def _run(recipe: Recipe, run_id: str) -> dict[str, Any]:
     out.commit(decision)
     with suppress(Exception):  # committed: the pending copy has done its job
         out.store.delete_prefix(out.shared_key("pending"))
+    decided = {
+        k: decision[k]
+        for k in ("effect", "p_value", "questions", "repeated_questions")
+        if k in decision
+    } | {"promoted": float(decision["promoted"])}
     log_stage(
         recipe,
         run_id,
         STAGE,
-        metrics={
-            k: decision[k]
-            for k in ("effect", "p_value", "questions", "repeated_questions")
-            if k in decision
-        }
-        | {"promoted": float(decision["promoted"])},
+        metrics=decided,
         artifacts={"decision.json": out.store.read_bytes(out.key("decision.json"))},
+        headline={f"promote.{k}": v for k, v in decided.items() if v is not None},
     )
     finish_pipeline(recipe, run_id)
     verdict = "PROMOTED" if decision["promoted"] else "not promoted"
