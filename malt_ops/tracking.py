@@ -10,6 +10,7 @@ reported as a warning naming the stage, not as a failed stage.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -147,6 +148,10 @@ def parent_run_id(client, recipe: Recipe, run_id: str) -> str:
     return parent.info.run_id
 
 
+DatasetRecord = tuple[list[dict[str, Any]], str, str]
+"""(rows, source URI, content digest) of one data split."""
+
+
 def log_stage(
     recipe: Recipe,
     run_id: str,
@@ -157,16 +162,19 @@ def log_stage(
     series: dict[str, Iterable[tuple[int, float]]] | None = None,
     artifacts: dict[str, bytes] | None = None,
     headline: dict[str, float] | None = None,
+    tables: dict[str, list[dict[str, Any]]] | None = None,
+    datasets: dict[str, DatasetRecord] | None = None,
 ) -> str | None:
     """Log one finished stage unit as a nested run; returns its MLflow run id (None if not tracked).
 
     ``headline``: metrics that are also logged on the pipeline's parent run, so that MLflow's
     runs list and compare view show cycles side by side (evaluate's rows and gains, promote's
-    decision)."""
+    decision). ``tables``: artifact file -> rows, logged with ``log_table`` (the per-question
+    results). ``datasets``: context ("train", "test") -> the split, logged as a run input."""
     if not recipe.tracking.enabled:
         return None
     try:
-        return _log_stage(
+        child = _log_stage(
             recipe,
             run_id,
             stage,
@@ -176,6 +184,8 @@ def log_stage(
             artifacts or {},
             headline or {},
         )
+        _log_tables_and_inputs(recipe, child, tables or {}, datasets or {})
+        return child
     except Exception as exc:
         log.warning(
             "MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
@@ -235,6 +245,48 @@ def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts, headline
             client.log_artifacts(child.info.run_id, scratch)
     client.set_terminated(child.info.run_id, "FINISHED", end_time=finished)
     return child.info.run_id
+
+
+def _log_tables_and_inputs(
+    recipe: Recipe,
+    run: str,
+    tables: dict[str, list[dict[str, Any]]],
+    datasets: dict[str, DatasetRecord],
+) -> None:
+    if not tables and not datasets:
+        return
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    def flat(rows: list[dict[str, Any]]) -> pd.DataFrame:
+        # nested fields (choices, task metadata, turn lists) as JSON text: one column each
+        return pd.DataFrame(
+            [
+                {k: v if isinstance(v, str | int | float) else json.dumps(v) for k, v in r.items()}
+                for r in rows
+            ]
+        )
+
+    client = client_for(recipe)
+    for artifact_file, rows in tables.items():
+        client.log_table(run, data=flat(rows), artifact_file=artifact_file)
+    inputs = []
+    for context, (rows, source, digest) in datasets.items():
+        dataset = mlflow.data.from_pandas(
+            flat(rows),
+            source=source,
+            name=f"{recipe.data.benchmark}-{context}",
+            digest=digest[:16],
+        )
+        inputs.append(
+            DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]
+            )
+        )
+    if inputs:
+        client.log_inputs(run, datasets=inputs)
 
 
 def _unit_times(

@@ -208,6 +208,8 @@ def test_mlflow_has_models_aliases_metrics_and_artifacts(finished_run, mlflow_se
     assert parent.info.status == "FINISHED" and parent.data.params["sampling.n"] == "2"
     evaluate = by_stage["evaluate"]
     assert {"MALT.mean", "MALT.std", "SA.mean", "MA_MV.mean"} <= set(evaluate.data.metrics)
+    logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert "per_question.json" in logged, logged  # mlflow.log_table: MLflow's table view
     assert {"MALT_vs_SA.p_value", "MALT_vs_SA.effect", "comparisons.target_met"} <= set(
         evaluate.data.metrics
     )

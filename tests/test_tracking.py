@@ -51,6 +51,14 @@ def test_stage_is_a_nested_run_with_params_metrics_and_s3_artifacts(tracked_reci
     assert parent.data.params["labeling.threshold"] == "0.5"
     assert child.data.metrics["train_problems"] == tracked_recipe.data.train_size
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["stats.json"]
+    # the splits are the run's inputs, with their store URI and content digest
+    inputs = {
+        d.tags[0].value: d.dataset for d in client.get_run(child.info.run_id).inputs.dataset_inputs
+    }
+    assert set(inputs) == {"train", "test"}
+    files = stage_output(tracked_recipe, "track-1", "prepare").manifest()["files"]
+    assert inputs["train"].digest == files["problems/train.jsonl"]["sha256"][:16]
+    assert json.loads(inputs["train"].profile)["num_rows"] == tracked_recipe.data.train_size
     # the stage run spans the stage's work (its manifest's times), not the moment it was logged
     manifest = stage_output(tracked_recipe, "track-1", "prepare").manifest()
     assert child.info.start_time == int(manifest["started_at"] * 1000)

@@ -246,7 +246,13 @@ def run(recipe: Recipe, run_id: str, backend: InferenceBackend | None = None) ->
     headline = {f"{s['setting']}.mean": s["mean"] for s in report["settings"]}
     headline |= comparison_metrics(report["comparisons"])
     log_stage(
-        recipe, run_id, STAGE, metrics=metrics, artifacts=stage_artifacts(out), headline=headline
+        recipe,
+        run_id,
+        STAGE,
+        metrics=metrics,
+        artifacts=stage_artifacts(out),
+        headline=headline,
+        tables={"per_question.json": per_question},
     )
     print(
         f"\nEvaluation ({recipe.data.benchmark}, {size} questions x {len(ev.seeds)} seeds):\n\n{table}"

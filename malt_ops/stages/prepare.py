@@ -45,6 +45,14 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
             "skipped_rows": sum(splits.skipped.values()),
         },
         artifacts=stage_artifacts(out),
+        datasets={
+            split: (
+                rows,
+                out.store.uri(out.key(f"problems/{split}.jsonl")),
+                out.files[f"problems/{split}.jsonl"]["sha256"],
+            )
+            for split, rows in (("train", splits.train), ("test", splits.test))
+        },
     )
     for note in splits.notes:
         log.info("prepare: %s", note)
