@@ -104,13 +104,18 @@ def cmd_answer(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _recipe(args)
     run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from malt_ops.console import log_path, quiet
     from malt_ops.pipeline import run_pipeline
 
     if args.cycles < 1:
         raise MaltError(f"--cycles {args.cycles}: give 1 or more")
-    return run_pipeline(
-        recipe, args.recipe, args.overrides, run_id, cycles=args.cycles, force=args.force
-    )
+    logs = log_path(recipe.run.state_dir, run_id)
+    if not args.verbose:
+        print(f"malt-ops run {run_id}: full logs in {logs} (-v shows them here)", flush=True)
+    with quiet(logs, args.verbose):
+        return run_pipeline(
+            recipe, args.recipe, args.overrides, run_id, cycles=args.cycles, force=args.force
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,15 +202,33 @@ def run_stage(arguments: list[str]) -> dict[str, Any]:
     """
     if not arguments or arguments[0] not in STAGE_COMMANDS:
         raise MaltError(f"not a stage command: {arguments[:1]}; expected one of {STAGE_COMMANDS}")
+    from malt_ops.console import say, take_skipped
+
     args = build_parser().parse_args(arguments)
+    name = args.command + (f" {args.role}" if args.command == "train" else "")
+    if args.command == "sample":
+        name += f" shard {args.shard}"
+    say(f"  {name} ...")
+    started = time.monotonic()
+    take_skipped()
     try:
         with forcing(getattr(args, "force", False)):
-            return args.handler(args) or {}
-    except OSError as exc:
-        error = _disk_full(exc)
-        if error is None:
-            raise
-        raise error from None
+            result = args.handler(args) or {}
+        took = _took(time.monotonic() - started)
+        say(f"  {name} already done (skipped)" if take_skipped() else f"  {name} done in {took}")
+        return result
+    except BaseException as exc:
+        reason = (redact(str(exc)).splitlines() or [type(exc).__name__])[0][:300]
+        say(f"  {name} FAILED after {_took(time.monotonic() - started)}: {reason}")
+        if isinstance(exc, OSError) and (error := _disk_full(exc)) is not None:
+            raise error from None
+        raise
+
+
+def _took(seconds: float) -> str:
+    return (
+        f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    )
 
 
 def _disk_full(exc: OSError) -> MaltError | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from malt_ops.config import Recipe
-from malt_ops.errors import MaltError
+from malt_ops.console import say
+from malt_ops.errors import MaltError, redact
 from malt_ops.orchestration import RECIPE_ENV, REPO_ROOT, refuse_parse_time_overrides
 from malt_ops.storage import StageOutput, open_store, run_prefix
 
@@ -64,6 +65,16 @@ def load_dag():
     return dag
 
 
+def ui_command(recipe: Recipe) -> str:
+    """How to open this run's MLflow: the UI over a local SQLite store, or the server's URL."""
+    from malt_ops.tracking import tracking_uri
+
+    uri = tracking_uri(recipe)
+    if uri.startswith(("http://", "https://")):
+        return f"open {redact(uri)}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def run_pipeline(
     recipe: Recipe,
     recipe_path: str,
@@ -91,8 +102,7 @@ def run_pipeline(
             "overrides": list(overrides),
             "force": force,
         }
-        if cycles > 1:
-            log.info("retraining cycle %d of %d: run %s", cycle, cycles, cycle_id)
+        say(f"run {cycle_id}" + (f" (cycle {cycle} of {cycles})" if cycles > 1 else "") + ":")
         dag_run = dag.test(run_conf=conf)
         state = str(getattr(dag_run, "state", "unknown"))
         if "success" not in state:
@@ -104,13 +114,15 @@ def run_pipeline(
         outputs = store.uri(run_prefix(cycle_id, "")).rstrip("/")
         evaluated = StageOutput(store, cycle_id, "evaluate")
         if evaluated.done() and evaluated.has("table.md"):
-            print(f"\n{evaluated.read_bytes('table.md').decode()}")
+            say(f"\n{evaluated.read_bytes('table.md').decode()}")
         promoted = StageOutput(store, cycle_id, "promote")
         if promoted.done() and promoted.has("decision.json"):
             decision = promoted.read_json("decision.json")
-            print(
+            say(
                 f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} — {decision['reason']}"
             )
-        print(f"run {cycle_id}: outputs in {outputs}")
+        say(f"run {cycle_id}: outputs in {outputs}")
+        if recipe.tracking.enabled:
+            say(f"see it in MLflow: {ui_command(recipe)}")
         results.append({"run_id": cycle_id, "state": state, "outputs": outputs})
     return results

@@ -180,6 +180,12 @@ def test_report_has_all_ten_settings(finished_run):
     # the comparisons are part of every run's report, and of what `malt-ops run` prints
     assert report["comparisons"]["tests"][0]["name"] == "MALT vs SA"
     assert report["comparisons"]["tests"][0]["test"]["questions"] == 6  # 2 seeds x 3, disjoint
+    # the console: our lines and the summary; the libraries' output is in the log file
+    console = finished_run["done"].stdout.splitlines()
+    assert len(console) <= 300, f"{len(console)} console lines"
+    assert any(line.strip().startswith("train refiner done in ") for line in console)
+    assert "see it in MLflow: open http://127.0.0.1:" in finished_run["done"].stdout
+    assert "DAG bundles loaded" not in finished_run["done"].stdout
     assert "| MALT vs SA |" in finished_run["done"].stdout
     assert (
         "| MALT |" in finished_run["done"].stdout
@@ -295,7 +301,8 @@ def test_rerun_skips_finished_stages(finished_run, env):
         *sets(TINY + FORCED),
     )
     assert again.returncode == 0
-    assert (again.stdout + again.stderr).count("already done") >= 10
+    logs = finished_run["tmp"] / "state" / "logs" / "e2e-c1.log"  # the libraries' output
+    assert logs.read_text().count("already done") >= 10
     assert output(store, "e2e-c1", "evaluate").read_bytes("report.json") == before
 
 

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
+from malt_ops.console import progress_stream
 from malt_ops.errors import MaltError
 from malt_ops.models import load_model, load_tokenizer
 from malt_ops.prompts import Messages, render
@@ -110,7 +111,13 @@ class HFBackend(ModelBackend):
         encoded = [self._tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         results: list[list[Completion]] = [[] for _ in texts]
         started = time.perf_counter()
-        bar = tqdm(total=len(texts) * params.n, desc=desc, unit="seq", leave=False)
+        bar = tqdm(
+            total=len(texts) * params.n,
+            desc=desc,
+            unit="seq",
+            leave=False,
+            file=progress_stream(),
+        )
         seeds = params.prompt_seeds(len(texts))
         with self._adapter_context(adapter):
             if self.scheduler == "continuous":

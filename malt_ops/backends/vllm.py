@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
 from malt_ops.config import VLLM_LORA_RANKS, VLLMEngineConfig
+from malt_ops.console import progress_stream
 from malt_ops.errors import MaltError
 from malt_ops.models import load_tokenizer
 from malt_ops.prompts import Messages, render
@@ -194,7 +195,7 @@ class VLLMBackend(ModelBackend):
             engine_params,
             lora_request=self._lora.get(adapter) if adapter is not None else None,
             use_tqdm=lambda *args, **kwargs: tqdm(
-                *args, **{**kwargs, "desc": desc, "leave": False}
+                *args, **{**kwargs, "desc": desc, "leave": False, "file": progress_stream()}
             ),
         )
         results = []

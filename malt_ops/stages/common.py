@@ -18,6 +18,7 @@ from contextvars import ContextVar
 
 from malt_ops import provenance
 from malt_ops.config import Recipe
+from malt_ops.console import mark_skipped
 from malt_ops.errors import MaltError
 from malt_ops.storage import StageOutput, open_store, run_prefix
 
@@ -98,6 +99,7 @@ def already_done(out: StageOutput) -> dict | None:
         if changes:
             raise _refusal(out, changes)
     log.info("%s: already done (%s), skipping", out.unit or out.prefix, where)
+    mark_skipped()
     return {**manifest.get("summary", {}), "skipped": True}
 
 
