@@ -88,7 +88,6 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     out.write_json(f"system/{TRAIN_QUESTIONS}", {"normalised_question_sha256": trained_on})
     tags = {**tags, "train_questions_sha256": out.files[f"system/{TRAIN_QUESTIONS}"]["sha256"]}
     out.write_json("system/system.json", {"roles": versions, "run_id": run_id})
-    _save_pyfunc(recipe, run_id, out, tags["base_model_sha256"])
     source = out.store.uri(out.key("system"))
     try:
         return register_system_version(recipe, run_id, versions, source, client, tags)
@@ -213,6 +212,7 @@ def _register_set(
     shared = {
         k: tags[k] for k in ("base_model", "base_model_sha256", "recipe_digest", "data_sha256")
     }
+    _save_pyfunc(recipe, run_id, out, base_sha)  # the system version's source holds it
     system = _system_version(client, recipe, out, run_id, versions, shared)
     move_set(recipe, CHALLENGER, system, client)  # one alias write moves all three
     return {**versions, "system": system}
