@@ -456,8 +456,9 @@ def rollback_set(recipe: Recipe, client=None) -> SystemSet:
         return resolve_set(recipe, CHAMPION, lock.client)
 
 
-def adapter_dir(source: str) -> Path:
-    """A local directory with the adapter files a model version points at."""
+def adapter_dir(source: str, required: str = "adapter_config.json") -> Path:
+    """A local directory with the files a model version points at (an adapter, or the
+    system pyfunc with ``required="MLmodel"``)."""
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
         import tempfile
 
@@ -474,8 +475,8 @@ def adapter_dir(source: str) -> Path:
         bucket, key = split_uri(source)
         return S3Store(f"s3://{bucket}").local_dir(key)
     path = Path(source.removeprefix("file://"))
-    if not (path / "adapter_config.json").exists():
-        raise MaltError(f"registered adapter {source} is missing or not a PEFT directory")
+    if not (path / required).exists():
+        raise MaltError(f"registered model files {source} are missing (no {required} there)")
     return path
 
 

@@ -305,23 +305,27 @@ def read_questions(questions: list[str], file: str | None) -> list[str]:
 
 def registered_answers(recipe: Recipe, alias: str, questions: list[str]) -> list[dict[str, Any]]:
     """The rows of ``models:/<prefix>-system@<alias>`` for ``questions``."""
-    import mlflow
+    import mlflow.pyfunc
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from malt_ops.registry import resolve_set, system_model_name
+    from malt_ops.errors import redact
+    from malt_ops.registry import adapter_dir, resolve_set, system_model_name
     from malt_ops.tracking import client_for
 
     client = client_for(recipe)
     found = resolve_set(recipe, alias, client)
+    name = system_model_name(recipe)
     if found is None:
+        hint = " or --alias challenger" if alias == "champion" else ""
         raise MaltError(
-            f"no {alias} in the registry at {client.tracking_uri} "
-            f"({system_model_name(recipe)}@{alias}): run `malt-ops run` first, or give --run-id"
+            f"no {alias} in the registry at {redact(client.tracking_uri)} ({name}@{alias}): "
+            f"run `malt-ops run` first, or give --run-id{hint}"
         )
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client._registry_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{system_model_name(recipe)}@{alias}")
+    # The version the alias named when it was resolved, read through this recipe's client:
+    # mlflow.set_tracking_uri / set_registry_uri would also change the process's environment.
+    source = client.get_model_version(name, found.version).source
+    model = mlflow.pyfunc.load_model(str(adapter_dir(source, required="MLmodel")))
     try:
         return model.predict(pd.DataFrame({"question": questions})).to_dict("records")
     except MlflowException as exc:

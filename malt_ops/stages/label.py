@@ -233,7 +233,7 @@ def _refiner_flips(nodes: list[dict[str, Any]], by_id: dict[str, dict]) -> Count
         verifier = by_id.get(node.get("parent"))
         generator = verifier and by_id.get(verifier.get("parent"))
         if generator:
-            flips[(bool(generator["correct"]), bool(node["correct"]))] += 1
+            flips[(bool(generator.get("correct")), bool(node.get("correct")))] += 1
     return flips
 
 
