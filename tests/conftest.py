@@ -201,8 +201,6 @@ def mlflow_server(s3_server, tmp_path_factory):
     """A real `mlflow server`: SQLite backend store, artifacts proxied into the SeaweedFS bucket."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
@@ -236,18 +234,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            server.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_for_http(f"{url}/health", server, root / "server.log", "mlflow server")
     yield {"url": url, "bucket": s3_server["bucket"], "s3": s3_server["client"]}
     server.terminate()
     try:
@@ -255,6 +242,26 @@ def mlflow_server(s3_server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+def wait_for_http(url: str, server, log_path: Path, what: str, timeout: float = 120) -> None:
+    """Until ``url`` answers 200; a server that exits or does not answer in time fails the
+    test with the end of its log."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            pytest.fail(f"{what} did not start: {Path(log_path).read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ registry sets

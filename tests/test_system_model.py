@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -24,7 +23,7 @@ from malt_ops.registry import CHAMPION, move_set
 from malt_ops.stages import register
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import dumps_jsonl
-from tests.conftest import _free_port, random_lora
+from tests.conftest import _free_port, random_lora, wait_for_http
 
 pytestmark = pytest.mark.model
 
@@ -196,18 +195,7 @@ def test_mlflow_models_serve_answers_invocations_and_survives_bad_requests(champ
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (
-                tmp_path / "serve.log"
-            ).read_text()[-3000:]
-            time.sleep(1)
+        wait_for_http(f"{url}/ping", server, tmp_path / "serve.log", "mlflow models serve", 300)
         invocations = f"{url}/invocations"
         status, body = _post(
             invocations, {"dataframe_split": {"columns": ["text"], "data": [["x"]]}}
