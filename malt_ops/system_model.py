@@ -130,16 +130,40 @@ def save_system_model(path: Path, config: dict[str, Any], adapters: dict[str, Pa
             ]
         ),
     )
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=str(CODE_FILE),
-        artifacts={role: str(adapters[role]) for role in ROLES},
-        model_config=config,
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(),
-        code_paths=[str(Path(__file__).parent)],
-    )
+    import json
+    import shutil
+    import tempfile
+    import uuid
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # malt_ops's sources only: compiled caches differ from process to process
+        code = Path(scratch) / "malt_ops"
+        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=str(CODE_FILE),
+            artifacts={role: str(adapters[role]) for role in ROLES},
+            model_config=config,
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            code_paths=[str(code)],
+        )
+    # A rerun of register (after a kill) must write the same bytes: MLmodel's creation time,
+    # random uuid and source paths give way to a uuid of what the model is made of.
+    mlmodel = path / "MLmodel"
+    meta = yaml.safe_load(mlmodel.read_text())
+    meta.pop("utc_time_created", None)
+    # where the adapters were copied from (a scratch or store path) is not part of the model
+    for entry in meta["flavors"]["python_function"].get("artifacts", {}).values():
+        entry.pop("uri", None)
+    contents = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p != mlmodel):
+        contents.update(file.relative_to(path).as_posix().encode() + file.read_bytes())
+    meta["model_uuid"] = uuid.uuid5(uuid.NAMESPACE_URL, contents.hexdigest()).hex
+    mlmodel.write_text(yaml.safe_dump(meta, sort_keys=True))
     return path
 
 
