@@ -236,11 +236,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", server, root / "server.log", "mlflow server")
     yield {"url": url, "bucket": s3_server["bucket"], "s3": s3_server["client"]}
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop(server)
     log.close()
 
 

@@ -23,7 +23,7 @@ from malt_ops.registry import CHAMPION, move_set
 from malt_ops.stages import register
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import dumps_jsonl
-from tests.conftest import _free_port, random_lora, wait_for_http
+from tests.conftest import _free_port, random_lora, stop, wait_for_http
 
 pytestmark = pytest.mark.model
 
@@ -208,9 +208,5 @@ def test_mlflow_models_serve_answers_invocations_and_survives_bad_requests(champ
         (row,) = body["predictions"]
         assert set(row) >= COLUMNS and row["refiner"].strip()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         log.close()
