@@ -213,7 +213,11 @@ class ModelConfig(_Section):
     """Packaged model name (source: packaged)."""
     path: str | None = None
     """Hugging Face model directory or .gguf file (source: path)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations. ``auto``: bfloat16 on a GPU or on a CPU with native bfloat16
+    (avx512_bf16 or AMX), float32 elsewhere, where bfloat16 is emulated and several times
+    slower (bench/dtype.py). Chosen on the machine that loads the model, so a rerun on
+    another kind of machine may compute in another precision."""
 
     _name = field_validator("name")(check_name)
     _path = field_validator("path")(check_path)

@@ -383,8 +383,43 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU features that run bfloat16 matmuls natively; without them PyTorch emulates bfloat16
+and a bfloat16 model runs several times slower than in float32 (bench/dtype.py)."""
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto``: bfloat16 on a CUDA GPU or a CPU with native bfloat16, float32 otherwise.
+
+    PyTorch has no public query for a CPU's bfloat16 support (``get_cpu_capability`` says
+    AVX512 on CPUs without avx512_bf16 too), so the CPU's flags are read from /proc/cpuinfo.
+    Any other value is returned as given."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is not readable)."""
+    try:
+        return {
+            flag
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()
+        }
+    except OSError:
+        return set()
+
+
 def load_model(model_dir: Path, dtype: str = "float32") -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, resolve_dtype(dtype))
+    )

@@ -86,7 +86,7 @@ def run_pipeline(
     """Run the DAG ``cycles`` times; cycle k samples with the champion that cycle k-1 left.
 
     ``force``: every stage runs with ``--force`` (a recipe change redoes, not refuses)."""
-    from malt_ops.tracking import finish_pipeline
+    from malt_ops.tracking import finish_pipeline, replay_queue
 
     refuse_parse_time_overrides(overrides)  # before Airflow starts, not at the plan task
     os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
@@ -123,6 +123,14 @@ def run_pipeline(
             )
         say(f"run {cycle_id}: outputs in {outputs}")
         if recipe.tracking.enabled:
+            replayed, waiting = replay_queue(recipe, cycle_id)
+            if replayed:
+                say(f"MLflow: logged {replayed} entries queued while it was unreachable")
+            if waiting:
+                say(
+                    f"MLflow: {waiting} entries still queued (unreachable); rerun this command "
+                    "once it answers to log them"
+                )
             say(f"see it in MLflow: {ui_command(recipe)}")
         results.append({"run_id": cycle_id, "state": state, "outputs": outputs})
     return results

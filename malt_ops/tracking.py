@@ -9,12 +9,15 @@ reported as a warning naming the stage, not as a failed stage.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
 import re
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +25,15 @@ from typing import Any
 
 from malt_ops.config import Recipe
 from malt_ops.errors import MaltError, redact
+from malt_ops.storage import run_prefix
 
 log = logging.getLogger("malt_ops")
 
 RUN_TAG = "malt_ops.run_id"
 KIND_TAG = "malt_ops.kind"
+LOG_KEY_TAG = "malt_ops.log_key"
+QUEUE = "tracking-queue"
+"""Where a run's logs wait while MLflow is unreachable: ``runs/<run id>/tracking-queue/``."""
 _SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "apikey", "api_key")
 _ARTIFACT_SUFFIXES = (".png", ".md", ".json")
 _MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
@@ -170,88 +177,204 @@ def log_stage(
     ``headline``: metrics that are also logged on the pipeline's parent run, so that MLflow's
     runs list and compare view show cycles side by side (evaluate's rows and gains, promote's
     decision). ``tables``: artifact file -> rows, logged with ``log_table`` (the per-question
-    results). ``datasets``: context ("train", "test") -> the split, logged as a run input."""
+    results). ``datasets``: context ("train", "test") -> the split, logged as a run input.
+
+    When MLflow cannot be reached the stage goes on: what it would have logged is queued in
+    the store (see :func:`replay_queue`) and logged by the next stage that reaches MLflow, or
+    by ``malt-ops run`` at its end."""
     if not recipe.tracking.enabled:
         return None
+    started, finished = _unit_times(recipe, run_id, stage, unit)
+    entry = {
+        "kind": "stage",
+        "key": uuid.uuid4().hex,
+        "stage": stage,
+        "unit": unit,
+        "started": started,
+        "finished": finished or int(time.time() * 1000),
+        "metrics": _numbers(metrics or {}),
+        "series": {k: [[int(s), float(v)] for s, v in p] for k, p in (series or {}).items()},
+        "headline": _numbers(headline or {}),
+        "artifacts": {k: base64.b64encode(v).decode() for k, v in (artifacts or {}).items()},
+        "tables": tables or {},
+        "datasets": {k: list(v) for k, v in (datasets or {}).items()},
+    }
     try:
-        child = _log_stage(
-            recipe,
-            run_id,
-            stage,
-            unit,
-            metrics or {},
-            series or {},
-            artifacts or {},
-            headline or {},
-        )
-        _log_tables_and_inputs(recipe, child, tables or {}, datasets or {})
-        return child
+        child = _apply(recipe, run_id, entry)
     except Exception as exc:
-        log.warning(
-            "MLflow tracking of %s%s failed (%s: %s); the stage's outputs are committed in the store",
-            stage,
-            f"[{unit}]" if unit else "",
-            type(exc).__name__,
-            redact(str(exc).splitlines()[0][:200]),
-        )
+        _report_unreachable(recipe, run_id, entry, exc)
         return None
+    replay_queue(recipe, run_id)
+    return child
 
 
-def _log_stage(recipe, run_id, stage, unit, metrics, series, artifacts, headline) -> str:
-    import time
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
-    from mlflow.entities import Metric
 
+def _report_unreachable(recipe: Recipe, run_id: str, entry: dict[str, Any], exc: Exception) -> None:
+    what = entry["stage"] + (f"[{entry['unit']}]" if entry.get("unit") else "")
+    queued = _enqueue(recipe, run_id, entry)
+    log.warning(
+        "MLflow tracking of %s failed (%s: %s); the stage's outputs are committed in the store%s",
+        what,
+        type(exc).__name__,
+        redact(str(exc).splitlines()[0][:200]) if str(exc) else "",
+        ", and what it would have logged is queued there: the next stage or `malt-ops run` "
+        "logs it once MLflow answers"
+        if queued
+        else "",
+    )
+
+
+# ------------------------------------------------------------------ the offline queue
+#
+# MLflow's client has no offline mode (its async logging only buffers in memory, and loses
+# the buffer with the process), so a stage that cannot reach the server writes its log as
+# one JSON entry in the store, beside its outputs. Replaying an entry is idempotent: the
+# stage run it creates carries the entry's key as a tag, a finished run with that key means
+# the entry is logged, and an unfinished one (a log cut off midway) is deleted and redone.
+# Metrics carry the entry's own timestamps, and MLflow drops a metric identical in key,
+# value, time and step, so the headline metrics on the parent run never repeat either.
+
+
+def _queue_prefix(run_id: str) -> str:
+    return run_prefix(run_id, QUEUE) + "/"
+
+
+def _enqueue(recipe: Recipe, run_id: str, entry: dict[str, Any]) -> bool:
+    from malt_ops.storage import open_store
+
+    try:
+        name = f"{entry['finished']:015d}-{entry['key']}.json"
+        open_store(recipe.storage.root).write_bytes(
+            _queue_prefix(run_id) + name, json.dumps(entry, default=str).encode()
+        )
+        return True
+    except Exception as exc:  # the store is the stage's own; it failing is reported, not raised
+        log.warning("could not queue the MLflow log of %s: %s", entry["stage"], exc)
+        return False
+
+
+def queued(recipe: Recipe, run_id: str) -> list[str]:
+    """Store keys of the entries waiting for MLflow, oldest first."""
+    from malt_ops.storage import open_store
+
+    return sorted(open_store(recipe.storage.root).list(_queue_prefix(run_id)))
+
+
+def replay_queue(recipe: Recipe, run_id: str) -> tuple[int, int]:
+    """Log the queued entries of ``run_id``, oldest first: (replayed, still queued).
+
+    Stops at the first entry MLflow refuses (the server is still away); the rest wait."""
+    from malt_ops.storage import open_store
+
+    if not recipe.tracking.enabled:
+        return 0, 0
+    try:
+        keys = queued(recipe, run_id)
+    except Exception:
+        return 0, 0
+    store = open_store(recipe.storage.root)
+    for done, key in enumerate(keys):
+        try:
+            entry = json.loads(store.read_bytes(key))
+        except Exception:  # replayed (and deleted) by a concurrent stage meanwhile
+            continue
+        try:
+            _apply(recipe, run_id, entry)
+        except Exception as exc:
+            log.warning(
+                "MLflow still unreachable (%s); %d queued log(s) of %s wait in the store",
+                redact(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__,
+                len(keys) - done,
+                run_id,
+            )
+            return done, len(keys) - done
+        store.delete_prefix(key)
+    if keys:
+        log.info(
+            "MLflow: logged %d queued entr%s of %s",
+            len(keys),
+            "y" if len(keys) == 1 else "ies",
+            run_id,
+        )
+    return len(keys), 0
+
+
+def _apply(recipe: Recipe, run_id: str, entry: dict[str, Any]) -> str:
     client = client_for(recipe)
     parent = parent_run_id(client, recipe, run_id)
+    if entry["kind"] == "finish":
+        client.set_terminated(parent, entry["status"], end_time=entry["finished"])
+        return parent
     experiment_id = client.get_run(parent).info.experiment_id
-    name = f"{stage}[{unit}]" if unit else stage
-    started, finished = _unit_times(recipe, run_id, stage, unit)
+    existing = _runs_with_key(client, experiment_id, entry["key"])
+    if any(r.info.status == "FINISHED" for r in existing):
+        return next(r.info.run_id for r in existing if r.info.status == "FINISHED")
+    for partial in existing:  # a log cut off midway: redo it whole
+        client.delete_run(partial.info.run_id)
+    child = _log_stage(client, parent, experiment_id, run_id, entry)
+    _log_tables_and_inputs(recipe, client, child, entry["tables"], entry["datasets"])
+    client.set_terminated(child, "FINISHED", end_time=entry["finished"])
+    # Two stages replaying one entry at once can both find no run: the one with the
+    # smallest run id stays, whoever looks.
+    twins = sorted(r.info.run_id for r in _runs_with_key(client, experiment_id, entry["key"]))
+    for twin in twins[1:]:
+        client.delete_run(twin)
+    return twins[0] if twins else child
+
+
+def _runs_with_key(client, experiment_id: str, key: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.`{LOG_KEY_TAG}` = '{key}'")
+
+
+def _log_stage(client, parent: str, experiment_id: str, run_id: str, entry: dict[str, Any]) -> str:
+    from mlflow.entities import Metric
+
+    stage, unit = entry["stage"], entry.get("unit")
     child = client.create_run(
         experiment_id,
-        start_time=started,
-        run_name=name,
+        start_time=entry["started"],
+        run_name=f"{stage}[{unit}]" if unit else stage,
         tags={
             "mlflow.parentRunId": parent,
             RUN_TAG: run_id,
             KIND_TAG: "stage",
+            LOG_KEY_TAG: entry["key"],
             "malt_ops.stage": stage,
             "malt_ops.unit": unit or "",
         },
-    )
-    now = finished or int(time.time() * 1000)
-    batch = [
-        Metric(metric_name(k), float(v), now, 0)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    ]
-    for key, points in series.items():
-        batch += [Metric(metric_name(key), float(v), now, int(step)) for step, v in points]
+    ).info.run_id
+    at = entry["finished"]
+    batch = [Metric(metric_name(k), v, at, 0) for k, v in entry["metrics"].items()]
+    for key, points in entry["series"].items():
+        batch += [Metric(metric_name(key), float(v), at, int(step)) for step, v in points]
     for start in range(0, len(batch), 1000):
-        client.log_batch(child.info.run_id, metrics=batch[start : start + 1000])
-    on_parent = [
-        Metric(metric_name(k), float(v), now, 0)
-        for k, v in headline.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    ]
+        client.log_batch(child, metrics=batch[start : start + 1000])
+    on_parent = [Metric(metric_name(k), v, at, 0) for k, v in entry["headline"].items()]
     if on_parent:
         client.log_batch(parent, metrics=on_parent)
-    if artifacts:
+    if entry["artifacts"]:
         with tempfile.TemporaryDirectory(prefix="malt-artifacts-") as scratch:
-            for path, data in artifacts.items():
+            for path, data in entry["artifacts"].items():
                 target = Path(scratch) / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            client.log_artifacts(child.info.run_id, scratch)
-    client.set_terminated(child.info.run_id, "FINISHED", end_time=finished)
-    return child.info.run_id
+                target.write_bytes(base64.b64decode(data))
+            client.log_artifacts(child, scratch)
+    return child
 
 
 def _log_tables_and_inputs(
     recipe: Recipe,
+    client,
     run: str,
     tables: dict[str, list[dict[str, Any]]],
-    datasets: dict[str, DatasetRecord],
+    datasets: dict[str, list],
 ) -> None:
     if not tables and not datasets:
         return
@@ -269,7 +392,6 @@ def _log_tables_and_inputs(
             ]
         )
 
-    client = client_for(recipe)
     for artifact_file, rows in tables.items():
         client.log_table(run, data=flat(rows), artifact_file=artifact_file)
     inputs = []
@@ -314,17 +436,22 @@ def stage_artifacts(out) -> dict[str, bytes]:
 
 
 def finish_pipeline(recipe: Recipe, run_id: str, status: str = "FINISHED") -> None:
+    """Close the pipeline's parent run; queued when MLflow is away, like a stage's log."""
     if not recipe.tracking.enabled:
         return
+    entry = {
+        "kind": "finish",
+        "key": uuid.uuid4().hex,
+        "stage": "the parent run",
+        "unit": None,
+        "status": status,
+        "finished": int(time.time() * 1000),
+    }
+    replay_queue(recipe, run_id)
     try:
-        client = client_for(recipe)
-        client.set_terminated(parent_run_id(client, recipe, run_id), status)
+        _apply(recipe, run_id, entry)
     except Exception as exc:
-        log.warning(
-            "could not close the MLflow parent run of %s: %s",
-            run_id,
-            redact(str(exc).splitlines()[0][:200]),
-        )
+        _report_unreachable(recipe, run_id, entry, exc)
 
 
 @contextmanager

@@ -167,13 +167,19 @@ def _bucket_exists(client, bucket: str) -> bool:
 
 
 def stop(server) -> None:
+    """End a server; one started in its own session loses its whole process group (the
+    workers a `mlflow server` forks keep the port otherwise)."""
+    import signal
     import subprocess
 
-    server.terminate()
+    group = server.poll() is None and os.getpgid(server.pid) == server.pid
+    kill = (lambda sig: os.killpg(server.pid, sig)) if group else server.send_signal
+    kill(signal.SIGTERM)
     try:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        server.kill()
+        kill(signal.SIGKILL)
+        server.wait()
 
 
 @pytest.fixture(scope="session")
@@ -196,22 +202,13 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory):
-    """A real `mlflow server`: SQLite backend store, artifacts proxied into the SeaweedFS bucket."""
+def start_mlflow_server(root: Path, port: int, artifacts: str, env: dict | None = None):
+    """A real `mlflow server` on loopback: SQLite backend under ``root``, artifacts proxied to
+    ``artifacts``. Restarting it on the same ``root`` and port keeps every run (its log appends)."""
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
+    log = open(root / "server.log", "ab")  # noqa: SIM115 - the child holds it; closed by stop()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -221,7 +218,7 @@ def mlflow_server(s3_server, tmp_path_factory):
             "--backend-store-uri",
             f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination",
-            f"s3://{s3_server['bucket']}/mlflow-artifacts",
+            artifacts,
             "--host",
             "127.0.0.1",
             "--port",
@@ -231,13 +228,30 @@ def mlflow_server(s3_server, tmp_path_factory):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # its workers are children: stop() ends the whole group
     )
+    log.close()
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", server, root / "server.log", "mlflow server")
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server`: SQLite backend store, artifacts proxied into the SeaweedFS bucket."""
+    root = tmp_path_factory.mktemp("mlflow")
+    env = {
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    server, url = start_mlflow_server(
+        root, _free_port(), f"s3://{s3_server['bucket']}/mlflow-artifacts", env
+    )
     yield {"url": url, "bucket": s3_server["bucket"], "s3": s3_server["client"]}
     stop(server)
-    log.close()
 
 
 def wait_for_http(url: str, server, log_path: Path, what: str, timeout: float = 120) -> None:

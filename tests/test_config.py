@@ -236,3 +236,26 @@ def test_a_hub_dataset_needs_a_pinned_revision():
     assert pinned.hub_revision == "e53f048"
     with pytest.raises(MaltError, match=r"data\.hub_revision"):
         load_recipe(LOCAL_RECIPE, [*hub, "data.hub_revision=../main"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "avx512f"}, "float32"),
+        ({"avx512f", "avx512_bf16"}, "bfloat16"),
+        ({"amx_bf16"}, "bfloat16"),
+        (set(), "float32"),
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(
+    monkeypatch, flags, expected
+):
+    import torch
+
+    from malt_ops import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.resolve_dtype("auto") == expected
+    assert models.resolve_dtype("bfloat16") == "bfloat16"  # a stated dtype is kept
+    assert models.resolve_dtype("float32") == "float32"

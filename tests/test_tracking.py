@@ -9,14 +9,15 @@ from mlflow import MlflowClient
 from malt_ops.config import ROLES, load_recipe
 from malt_ops.errors import MaltError
 from malt_ops.registry import CHALLENGER, CHAMPION, alias_versions
-from malt_ops.stages import prepare, promote, register
+from malt_ops.stages import label, prepare, promote, register, sample
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import dumps_jsonl
-from malt_ops.tracking import RUN_TAG
+from malt_ops.tracking import RUN_TAG, metric_name, queued, replay_queue
 
 # Imported here, not inside a test: a first import of tests.conftest clears the S3 and MLflow
 # environment variables, which would undo what the fixtures set.
-from tests.conftest import S3_SECRET_KEY
+from tests.conftest import S3_SECRET_KEY, _free_port, start_mlflow_server, stop
+from tests.test_resume import SeededBackend
 
 
 @pytest.fixture
@@ -313,3 +314,91 @@ def test_champion_of_another_base_model_is_not_compared_nor_sampled(tracked_reci
     assert _champion_system(tracked_recipe, client) == champion
     with pytest.raises(MaltError, match="trained on another base model"):
         policy_adapter_paths(tracked_recipe, resolve_policy(tracked_recipe))
+
+
+def _stage_runs(client, recipe, run_id: str) -> list:
+    experiment = client.get_experiment_by_name(recipe.tracking.experiment)
+    return [
+        r
+        for r in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'"
+        )
+        if r.data.tags["malt_ops.kind"] == "stage"
+    ]
+
+
+def test_an_mlflow_outage_mid_run_is_queued_and_logged_once_it_is_back(
+    recipe_file, monkeypatch, tmp_path
+):
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    port = _free_port()
+    artifacts = (root / "artifacts").as_uri()
+    server, url = start_mlflow_server(root, port, artifacts)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # a refused connection fails at once
+    # sampling from the base model: the registry is not read (with the champion policy an
+    # unreachable registry stops sample, by design)
+    recipe = load_recipe(recipe_file(sampling={"policy": "adapters"}))
+    try:
+        prepare.run(recipe, "outage")
+        stop(server)
+        sampled = sample.run(recipe, "outage", backend=SeededBackend())
+        assert len(queued(recipe, "outage")) == 1, "the offline stage's log waits in the store"
+        server, _ = start_mlflow_server(root, port, artifacts)
+        labeled = label.run(recipe, "outage")  # logs itself, then the queue
+        assert queued(recipe, "outage") == []
+        assert replay_queue(recipe, "outage") == (0, 0)
+        client = MlflowClient(url)
+        runs = _stage_runs(client, recipe, "outage")
+        assert sorted(r.data.tags["malt_ops.stage"] for r in runs) == ["label", "prepare", "sample"]
+        by_stage = {r.data.tags["malt_ops.stage"]: r for r in runs}
+        assert labeled["questions"] == recipe.data.train_size
+        assert by_stage["label"].info.status == "FINISHED"
+        for stage, summary in (("sample", sampled),):
+            numbers = {
+                metric_name(k): float(v)
+                for k, v in summary.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            logged = by_stage[stage].data.metrics
+            assert numbers and {k: logged.get(k) for k in numbers} == pytest.approx(numbers), stage
+            assert by_stage[stage].info.status == "FINISHED"
+        # the replayed run spans the stage's work, not the replay
+        manifest = stage_output(recipe, "outage", "sample", "shard-0").manifest()
+        assert by_stage["sample"].info.start_time == int(manifest["started_at"] * 1000)
+        assert by_stage["sample"].info.end_time == int(manifest["finished_at"] * 1000)
+    finally:
+        stop(server)
+
+
+def test_a_log_cut_off_midway_is_redone_whole_never_twice(
+    tracked_recipe, mlflow_server, monkeypatch
+):
+    """The server fails between the stage run's metrics and its artifacts: the run is left
+    half-logged and the entry queued (in S3). The replay replaces the half run."""
+    calls = {"n": 0}
+    real = MlflowClient.log_artifacts
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("server went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", flaky)
+    prepare.run(tracked_recipe, "cut-off")
+    assert len(queued(tracked_recipe, "cut-off")) == 1
+    client = MlflowClient(mlflow_server["url"])
+    (half,) = _stage_runs(client, tracked_recipe, "cut-off")
+    assert half.info.status == "RUNNING"
+    assert replay_queue(tracked_recipe, "cut-off") == (1, 0)
+    assert replay_queue(tracked_recipe, "cut-off") == (0, 0)
+    (whole,) = _stage_runs(client, tracked_recipe, "cut-off")
+    assert whole.info.status == "FINISHED" and whole.info.run_id != half.info.run_id
+    assert [a.path for a in client.list_artifacts(whole.info.run_id)] == ["stats.json"]
+    assert whole.data.metrics["train_problems"] == tracked_recipe.data.train_size
+    parent = client.get_run(whole.data.tags["mlflow.parentRunId"])
+    for key in parent.data.metrics:  # headline metrics: one point each, whatever replayed
+        assert len(client.get_metric_history(parent.info.run_id, key)) == 1, key

@@ -22,7 +22,7 @@ from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usa
 from malt_ops.config import VLLM_LORA_RANKS, VLLMEngineConfig
 from malt_ops.console import progress_stream
 from malt_ops.errors import MaltError
-from malt_ops.models import load_tokenizer
+from malt_ops.models import load_tokenizer, resolve_dtype
 from malt_ops.prompts import Messages, render
 
 INSTALL_HINT = (
@@ -91,7 +91,7 @@ class VLLMBackend(ModelBackend):
         self._stop_ids.discard(None)
         kwargs: dict[str, Any] = {
             "tokenizer": str(model_dir),
-            "dtype": options.dtype or dtype,
+            "dtype": options.dtype or resolve_dtype(dtype),
             "enable_lora": True,
             "max_loras": options.max_loras,
             "max_lora_rank": self.max_lora_rank,
