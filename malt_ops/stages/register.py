@@ -18,7 +18,7 @@ from malt_ops.stages.common import (
     stage_output,
     trained_adapter,
 )
-from malt_ops.tracking import client_for, log_stage, metric_name, registry_errors
+from malt_ops.tracking import client_for, log_stage, registry_errors
 
 STAGE = "register"
 HELP = (
@@ -48,7 +48,11 @@ def _create_version(
     source = tags["malt_ops.store_uri"]
     try:
         return client.create_model_version(
-            name, source=source, tags=tags, description=f"from pipeline run {run_id}"
+            name,
+            source=source,
+            run_id=_parent(client, recipe, run_id),
+            tags=tags,
+            description=f"from pipeline run {run_id}",
         )
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
@@ -61,6 +65,14 @@ def _create_version(
     return client.create_model_version(
         name, source=logged, run_id=parent, tags=tags, description=f"from pipeline run {run_id}"
     )
+
+
+def _parent(client, recipe: Recipe, run_id: str) -> str:
+    """The pipeline's parent run: a version links to it, so MLflow shows the version beside
+    the run's evaluation metrics (numbers stay metrics there, not version tags)."""
+    from malt_ops.tracking import parent_run_id
+
+    return parent_run_id(client, recipe, run_id)
 
 
 def _logged_source(client, recipe: Recipe, run_id: str, local: str, path: str) -> tuple[str, str]:
@@ -90,7 +102,15 @@ def _system_version(client, recipe: Recipe, out, run_id: str, versions: dict, ta
     out.write_json("system/system.json", {"roles": versions, "run_id": run_id})
     source = out.store.uri(out.key("system"))
     try:
-        return register_system_version(recipe, run_id, versions, source, client, tags)
+        return register_system_version(
+            recipe,
+            run_id,
+            versions,
+            source,
+            client,
+            tags,
+            source_run_id=_parent(client, recipe, run_id),
+        )
     except MlflowException as exc:
         if "local path" not in str(exc) or source.startswith("s3://"):
             raise
@@ -158,18 +178,14 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
         out.write_json("versions.json", summary)
         out.commit(summary)
         return summary
-    report = evaluated.read_json("report.json")
-    metrics = {
-        metric_name(f"eval.{s['setting']}"): f"{s['mean']:.4f} ± {s['std']:.4f}"
-        for s in report["settings"]
-    }
+    evaluated.read_json("report.json")  # a set is registered only with its evaluation whole
     data_hash = require_done(recipe, run_id, "prepare").manifest()["files"]["problems/train.jsonl"][
         "sha256"
     ]
     base = recipe.model.name if recipe.model.source == "packaged" else recipe.model.path
     base_sha = base_model_sha256(recipe.model)  # promote compares content, not the name
     with registry_errors(recipe):
-        versions = _register_set(recipe, out, run_id, (base, base_sha), data_hash, metrics)
+        versions = _register_set(recipe, out, run_id, (base, base_sha), data_hash)
     system = versions.pop("system")
     summary = {"registered": True, "versions": versions, "system_version": system, "reason": None}
     out.write_json("versions.json", summary)
@@ -184,7 +200,7 @@ def run(recipe: Recipe, run_id: str) -> dict[str, Any]:
 
 
 def _register_set(
-    recipe: Recipe, out, run_id: str, base: tuple[str, str], data_hash: str, metrics: dict
+    recipe: Recipe, out, run_id: str, base: tuple[str, str], data_hash: str
 ) -> dict[str, str]:
     """``base``: the base model's name or path, and its content hash."""
     store = out.store
@@ -203,7 +219,6 @@ def _register_set(
             "recipe_digest": recipe.digest(),
             "data_sha256": data_hash,
             "malt_ops.store_uri": store.uri(_adapter_key(recipe, run_id, role)),
-            **metrics,
         }
         version = _version_of_run(client, name, run_id) or _create_version(
             client, recipe, run_id, name, role, tags
