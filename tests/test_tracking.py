@@ -334,6 +334,7 @@ def _stage_runs(client, recipe, run_id: str) -> list:
     ]
 
 
+@pytest.mark.slow  # two server starts: about 3 min on 2 cores
 def test_an_mlflow_outage_mid_run_is_queued_and_logged_once_it_is_back(
     recipe_file, monkeypatch, tmp_path
 ):
