@@ -112,12 +112,33 @@ def plan_run(context: dict[str, Any]) -> dict[str, Any]:
     from malt_ops.policy import run_policy
 
     check_splits(recipe.data)  # a test question that is also a training question stops here
+    check_gpus(recipe)
 
     # One sampling policy for every shard: resolved here, once, and recorded in the store.
     run_policy(recipe, run_id_for(context))
     return {"run_id": run_id_for(context)} | {
         stage: stage_arguments(stage, context) for stage in SINGLE_STAGES
     }
+
+
+def check_gpus(recipe: Recipe) -> None:
+    """In kubernetes mode, a vLLM stage's pod must ask for exactly the GPUs its engine spans
+    (tensor x pipeline parallel): fewer and vLLM fails at start-up on the node, more and they
+    sit idle. Checked once at plan time, before any pod is scheduled."""
+    from malt_ops.execution import execution_mode
+    from malt_ops.pods import kubernetes_config
+
+    if recipe.inference.backend != "vllm" or execution_mode() != "kubernetes":
+        return
+    engine = recipe.inference.vllm
+    needed = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    count = kubernetes_config(recipe).gpu.count
+    if count != needed:
+        raise MaltError(
+            f"kubernetes.gpu.count: {count} GPU(s) per pod, but inference.vllm."
+            f"tensor_parallel_size x pipeline_parallel_size = {engine.tensor_parallel_size} x "
+            f"{engine.pipeline_parallel_size} = {needed}: make them equal"
+        )
 
 
 def shard_arguments(context: dict[str, Any]) -> list[list[str]]:

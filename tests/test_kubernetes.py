@@ -288,3 +288,17 @@ def test_local_mode_runs_only_stage_commands():
 
     with pytest.raises(MaltError, match="not a stage command"):
         run_stage(["rollback", "--recipe", str(LOCAL_RECIPE)])
+
+
+def test_a_vllm_engine_wider_than_its_pod_is_refused_at_plan_time(cluster, monkeypatch):
+    _recipe_loads(monkeypatch)
+    # the cluster's values give each GPU pod 2 GPUs
+    vllm = ["inference.backend=vllm", "inference.vllm.tensor_parallel_size=4"]
+    with pytest.raises(MaltError) as refused:
+        plan_run(_context(vllm))
+    message = str(refused.value)
+    assert message.startswith("kubernetes.gpu.count: 2 GPU(s) per pod") and "= 4:" in message
+    assert "\n" not in message
+    # an engine that spans the pod's GPUs plans (kubernetes keys are fixed at DAG parse time)
+    plan = plan_run(_context(["inference.backend=vllm", "inference.vllm.tensor_parallel_size=2"]))
+    assert plan["run_id"] == "nightly-42"
