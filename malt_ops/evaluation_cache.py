@@ -38,6 +38,7 @@ from typing import Any
 from malt_ops.backends import InferenceBackend
 from malt_ops.config import ROLES, Recipe
 from malt_ops.evaluation import SEED_BASE, run_system
+from malt_ops.models import model_identity
 from malt_ops.seeding import SEED_SCHEME
 from malt_ops.storage import Store, dumps_jsonl, open_store
 
@@ -107,7 +108,7 @@ def settings_part(recipe: Recipe) -> dict[str, Any]:
         # The comparisons only read the results (malt_ops.comparisons): a new list reuses them.
         "evaluation": recipe.evaluation.model_dump(mode="json", exclude={"comparisons"}),
         "benchmark": recipe.data.benchmark,
-        "model": recipe.model.model_dump(mode="json"),
+        "model": model_identity(recipe.model),
         "inference": inference,
         "seed_scheme": SEED_SCHEME,
         "seed_base": SEED_BASE,

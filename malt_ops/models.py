@@ -14,7 +14,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from malt_ops.assets import QWEN25_CODER_05B, SMOLLM2, asset_path, cache_dir, split_asset_path
 from malt_ops.config import ModelConfig
@@ -401,6 +401,12 @@ def resolve_dtype(dtype: str) -> str:
     if torch.cuda.is_available():
         return "bfloat16"
     return "bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """The model section as cache keys must see it: ``auto`` replaced by the dtype this
+    machine computes in, so a store shared by machines of two kinds never mixes their results."""
+    return {**cfg.model_dump(mode="json"), "dtype": resolve_dtype(cfg.dtype)}
 
 
 def cpu_flags() -> set[str]:

@@ -220,10 +220,13 @@ def _report_unreachable(recipe: Recipe, run_id: str, entry: dict[str, Any], exc:
     what = entry["stage"] + (f"[{entry['unit']}]" if entry.get("unit") else "")
     queued = _enqueue(recipe, run_id, entry)
     log.warning(
-        "MLflow tracking of %s failed (%s: %s); the stage's outputs are committed in the store%s",
+        "MLflow tracking of %s failed (%s: %s); %s%s",
         what,
         type(exc).__name__,
         redact(str(exc).splitlines()[0][:200]) if str(exc) else "",
+        "the stage's outputs are committed in the store"
+        if entry["kind"] == "stage"
+        else "the run's outcome is in the store",
         ", and what it would have logged is queued there: the next stage or `malt-ops run` "
         "logs it once MLflow answers"
         if queued

@@ -283,3 +283,21 @@ def test_promote_reads_a_new_champion_from_the_cache_its_evaluate_seeded(
     assert (source, len(calls)) == ("evaluated", before + 1)
     assert key.digest == second["evaluation_key"]
     assert lookup(open_store(recipe.storage.root), key, subsets) == fresh
+
+
+def test_dtype_auto_keys_results_by_the_precision_it_resolves_to(monkeypatch):
+    """A store shared by a GPU (bfloat16) and an AVX2 CPU (float32) under `model.dtype: auto`
+    must not hand one machine's results to the other."""
+    import torch
+
+    from malt_ops import models
+    from malt_ops.evaluation_cache import settings_part
+
+    recipe = load_recipe(LOCAL_RECIPE, ["model.dtype=auto"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    on_avx2 = settings_part(recipe)["model"]
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx512_bf16"})
+    on_bf16 = settings_part(recipe)["model"]
+    assert on_avx2 != on_bf16
+    assert on_avx2["dtype"] == "float32" and on_bf16["dtype"] == "bfloat16"

@@ -26,6 +26,7 @@ from malt_ops.chains import expand_trees
 from malt_ops.config import ROLES, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.grading import MAX_OUTPUT_CHARS
+from malt_ops.models import model_identity
 from malt_ops.policy import policy_adapter_paths, run_policy
 from malt_ops.prompts import generator_messages, verdict
 from malt_ops.seeding import SEED_SCHEME
@@ -66,9 +67,8 @@ def _star_cache_key(recipe: Recipe, problems: list[dict[str, Any]]) -> str:
     """Everything the base generator's samples of these questions depend on."""
     sampling = recipe.sampling
     blob = {
-        "model": recipe.model.model_dump(mode="json"),
+        "model": model_identity(recipe.model),
         "backend": recipe.inference.backend,
-        "dtype": recipe.model.dtype,
         "n": sampling.n,
         "temperature": sampling.temperature_of("generator"),
         "top_p": sampling.top_p,
