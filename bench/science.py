@@ -38,56 +38,18 @@ from common import report as print_report
 from common import table
 
 from malt_ops.comparisons import compare, format_comparisons
-from malt_ops.config import TRAINED, Recipe, load_recipe
+from malt_ops.config import Recipe, load_recipe
 from malt_ops.errors import MaltError
+from malt_ops.estimate import estimate, format_estimate
 from malt_ops.stages.common import adopt, require_done, stage_output
 from malt_ops.storage import run_prefix, validate_run_id
 
 REUSABLE_STAGES = ("sample", "label", "train")
 """What --train-from copies from the source run (the stages the training side decides)."""
+ESTIMATE_DEVICE = "cpu-2core"
+"""The hardware table's entry fitted to measured science runs (malt_ops/hardware.yaml)."""
 TRAINING_SIDE = ("model.", "inference.", "sampling.", "labeling.", "training.")
 """Recipe sections that decide the trees, labels and adapters (with the training questions)."""
-
-
-SECONDS_PER_SEQUENCE = 0.6
-"""Measured here (run sci-val-t08): Qwen2.5-Coder-0.5B bf16, hf backend, batch 32, the science
-prompts, each prompt's n samples sharing its KV cache, 2 cores with avx512_bf16."""
-SECONDS_PER_EVAL_SEQUENCE = 1.3
-"""Evaluation levels after the generator have one sample per prompt (nothing to share) and
-longer prompts: 22.8 min for 1,080 generations in sci-val-t08."""
-SECONDS_PER_SFT_STEP = {"generator": 12.0, "verifier": 24.0, "refiner": 30.0, "star": 12.0}
-"""Batch 8; a role's examples are longer the later it speaks (its prompt holds the earlier turns)."""
-SECONDS_PER_DPO_STEP = 60.0
-SECONDS_PER_MODEL_LOAD = 15.0
-
-
-def estimate(recipe: Recipe) -> dict[str, float]:
-    """Predicted wall seconds per stage from the recipe's sizes and this machine's rates."""
-    s, ev, t = recipe.sampling, recipe.evaluation, recipe.training
-    per_tree = s.n + s.n * s.m + s.n * s.m * s.l
-    questions = recipe.data.train_size or 1000
-    sample = questions * per_tree * SECONDS_PER_SEQUENCE + SECONDS_PER_MODEL_LOAD
-    train = 0.0
-    for role in TRAINED:
-        cfg = getattr(t, role)
-        steps = cfg.max_steps if cfg.max_steps > 0 else 50  # unbounded: a guess
-        train += steps * SECONDS_PER_SFT_STEP[role] + SECONDS_PER_MODEL_LOAD
-        if getattr(cfg, "dpo", False) and role in ("verifier", "refiner"):
-            dpo = cfg.dpo_max_steps if cfg.dpo_max_steps > 0 else 25
-            train += dpo * SECONDS_PER_DPO_STEP + SECONDS_PER_MODEL_LOAD
-    chains = len(ev.seeds) * ev.subset_size * ev.votes
-    evaluate = 3 * chains * 3 * SECONDS_PER_EVAL_SEQUENCE + SECONDS_PER_MODEL_LOAD
-    # promote without a champion reads evaluate's results; a champion the evaluation cache
-    # lacks costs one more system's evaluation (a third of evaluate), not counted here
-    return {
-        "prepare": 10.0,
-        "sample": sample,
-        "label": 5.0,
-        "train": train,
-        "evaluate": evaluate,
-        "register": 5.0,
-        "promote": 5.0,
-    }
 
 
 def logged_recipe(recipe: Recipe, run_id: str) -> dict[str, str]:
@@ -339,10 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.estimate:
-            predicted = estimate(recipe)
-            for stage, seconds in predicted.items():
-                print(f"{stage:<9} {seconds / 60:6.1f} min")
-            print(f"{'total':<9} {sum(predicted.values()) / 60:6.1f} min")
+            # the one estimator (`malt-ops estimate`), priced on this project's 2-core machines
+            print(
+                format_estimate(estimate(recipe, device=ESTIMATE_DEVICE, recipe_name=args.recipe))
+            )
             return 0
         run_id = validate_run_id(args.run_id)
         if not args.report_only:

@@ -101,6 +101,22 @@ def cmd_answer(args: argparse.Namespace) -> dict[str, Any]:
     return {"answers": rows}
 
 
+def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from malt_ops.estimate import estimate, format_estimate, load_hardware
+
+    if args.gpus is not None and args.gpus < 1:
+        raise MaltError(f"--gpus {args.gpus}: give 1 or more")
+    result = estimate(
+        _recipe(args),
+        gpus=args.gpus,
+        device=args.gpu_type,
+        hardware=load_hardware(args.hardware),
+        recipe_name=args.recipe,
+    )
+    print(format_estimate(result))
+    return {"wall_seconds": result.total.wall_seconds, "gpu_seconds": result.total.gpu_seconds}
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _recipe(args)
     run_id = validate_run_id(args.run_id or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -175,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--file", help='JSONL file of questions, one {"question": ...} object per line'
     )
+    sub = add(
+        "estimate",
+        "Print what one cycle of the recipe costs before it runs: tokens to generate, prefill "
+        "and train, GPU hours and wall time per stage, and the assumptions behind them.",
+        cmd_estimate,
+        run_id_required=False,
+    )
+    sub.add_argument(
+        "--gpus", type=int, help="GPUs the cycle may use (default: one vLLM engine's worth)"
+    )
+    sub.add_argument(
+        "--gpu-type",
+        help="a device of the hardware table, e.g. h100-80gb, h200, a100-80gb, l40s, cpu-2core "
+        "(default kubernetes.gpu.gpu_type, else h100-80gb)",
+    )
+    sub.add_argument("--hardware", help="your own hardware table (default: malt_ops/hardware.yaml)")
     sub = add(
         "run",
         "Run the whole pipeline: the Airflow DAG in dags/, in-process with Airflow's "

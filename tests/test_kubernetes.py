@@ -302,3 +302,30 @@ def test_a_vllm_engine_wider_than_its_pod_is_refused_at_plan_time(cluster, monke
     # an engine that spans the pod's GPUs plans (kubernetes keys are fixed at DAG parse time)
     plan = plan_run(_context(["inference.backend=vllm", "inference.vllm.tensor_parallel_size=2"]))
     assert plan["run_id"] == "nightly-42"
+
+
+def test_a_model_that_does_not_fit_the_pools_gpus_is_refused_at_plan_time(
+    cluster, monkeypatch, tmp_path
+):
+    _recipe_loads(monkeypatch)
+    values = dict(CLUSTER_VALUES, gpu={**CLUSTER_VALUES["gpu"], "count": 1, "gpu_type": "l40s"})
+    path = tmp_path / "kubernetes.yaml"
+    path.write_text(yaml.safe_dump(values))
+    monkeypatch.setenv("MALT_OPS_KUBERNETES_VALUES", str(path))
+    llama = [
+        "inference.backend=vllm",
+        "model.source=path",
+        "model.path=s3://models/Llama-3.1-8B-Instruct",
+    ]
+    # 15 GiB of bf16 weights, but vLLM may use only a fifth of the L40S's 48 GiB
+    with pytest.raises(MaltError) as refused:
+        plan_run(_context([*llama, "inference.vllm.gpu_memory_utilization=0.2"]))
+    message = str(refused.value)
+    assert message.startswith("kubernetes.gpu.gpu_type: l40s has 48 GiB, but inference needs 15.0")
+    assert "tensor_parallel_size" in message and "\n" not in message
+    assert plan_run(_context(llama))["run_id"] == "nightly-42"
+    # a GPU type the hardware table does not know is named, with the ones it does
+    values["gpu"]["gpu_type"] = "tpu-v9"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(MaltError, match=r"^kubernetes.gpu.gpu_type: tpu-v9 is not in"):
+        plan_run(_context(llama))
