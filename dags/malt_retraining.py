@@ -10,12 +10,10 @@ Wiring only: planning lives in malt_ops.orchestration, tasks in malt_ops.executi
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from airflow.sdk import DAG, Param, task
 
-from malt_ops.execution import StageTasks
+from malt_ops.execution import StageTasks, config_errors_fail_fast
 from malt_ops.orchestration import (
     dag_recipe_path,
     dag_schedule,
@@ -26,6 +24,7 @@ from malt_ops.orchestration import (
 )
 
 recipe = load_dag_recipe()
+stages = StageTasks(recipe)
 
 with DAG(
     dag_id="malt_retraining",
@@ -35,10 +34,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["malt", "post-training", "llm"],
-    default_args={
-        "retries": recipe.schedule.retries,
-        "retry_delay": timedelta(minutes=recipe.schedule.retry_delay_minutes),
-    },
+    default_args=stages.default_args(),
     params={
         "recipe": Param(dag_recipe_path(), type="string", description="recipe YAML path"),
         "run_id": Param(
@@ -54,19 +50,21 @@ with DAG(
     },
     doc_md=__doc__,
 ) as dag:
-    stages = StageTasks(recipe)
 
     @task(multiple_outputs=True)
     def plan(**context) -> dict:
-        return plan_run(context)
+        with config_errors_fail_fast():
+            return plan_run(context)
 
     @task
     def shards(malt_run_id: str, **context) -> list[list[str]]:
-        return shard_arguments(context)
+        with config_errors_fail_fast():
+            return shard_arguments(context)
 
     @task
     def roles(malt_run_id: str, **context) -> list[list[str]]:
-        return role_arguments(context)
+        with config_errors_fail_fast():
+            return role_arguments(context)
 
     run = plan()
     prepared = stages.single("prepare", run["prepare"])

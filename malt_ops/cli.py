@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from malt_ops.config import TRAINED, Recipe, load_recipe
-from malt_ops.errors import MaltError, RegistryUnavailable, redact
+from malt_ops.errors import CONFIG_ERROR_EXIT, MaltError, RegistryUnavailable, redact
 from malt_ops.stages import evaluate, label, prepare, promote, register, sample, train
 from malt_ops.stages.common import forcing
 from malt_ops.storage import disk_full, validate_run_id
@@ -289,13 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         return RETRYABLE_EXIT
     except MaltError as exc:
         print(f"malt-ops {args.command}: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT
     except OSError as exc:
         error = _disk_full(exc)
         if error is None:
             raise
         print(f"malt-ops {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT
     except KeyboardInterrupt:
         print(
             f"malt-ops {args.command}: interrupted; rerun with the same --run-id to resume",

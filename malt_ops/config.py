@@ -477,11 +477,45 @@ class EvaluationConfig(_Section):
         return value
 
 
+StageName = Literal["prepare", "sample", "label", "train", "evaluate", "register", "promote"]
+
+
+def _default_timeouts() -> dict[str, float]:
+    # sized for paper-scale GPU runs; a retry after a timeout resumes from what was committed
+    return {
+        "prepare": 60,
+        "sample": 1440,
+        "label": 120,
+        "train": 2880,
+        "evaluate": 1440,
+        "register": 60,
+        "promote": 1440,
+    }
+
+
 class ScheduleConfig(_Section):
     cron: str | None = "@weekly"
     """Airflow schedule of the retraining DAG (null: manual runs only)."""
     retries: int = Field(default=2, ge=0)
+    """Retries of a stage that failed on a fault; a configuration error (exit code 2) fails
+    its task at once, since a retry would fail the same way."""
     retry_delay_minutes: float = Field(default=5, ge=0)
+    timeout_minutes: dict[StageName, float] = Field(default_factory=_default_timeouts)
+    """Minutes each stage task may run before Airflow fails it (its execution_timeout); keys
+    given here replace the defaults for those stages only."""
+    notify_conn_id: str | None = None
+    """An Airflow HTTP connection to a webhook (e.g. AIRFLOW_CONN_MALT_OPS_WEBHOOK, set from
+    a Kubernetes Secret): every failed task and every promote decision is posted to it as
+    JSON. null: no notifications."""
+
+    _conn = field_validator("notify_conn_id")(check_name)
+
+    @field_validator("timeout_minutes")
+    @classmethod
+    def _timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(minutes <= 0 for minutes in value.values()):
+            raise ValueError("every stage's timeout must be more than 0 minutes")
+        return _default_timeouts() | value
 
 
 class TrackingConfig(_Section):
@@ -517,6 +551,9 @@ class PromotionConfig(_Section):
     """Promote only when challenger accuracy minus reference accuracy exceeds this."""
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
+    check_question: str = "Calculate 12 + 30."
+    """What the champion-check DAG (dags/malt_champion_check.py) asks each new champion: it
+    must load from the registry and answer with every turn of the chain."""
     on_incomparable: Literal["skip", "promote"] = "skip"
     """When the champion cannot be compared fairly (another base model by content hash, or
     trained on this run's test questions): skip leaves it in place, promote replaces it
@@ -600,6 +637,10 @@ class GpuPool(_Section):
 
     resource: str = "nvidia.com/gpu"
     count: int = Field(default=1, gt=0)
+    pool: str | None = "malt_ops_gpu"
+    """The Airflow pool GPU stage tasks run in, each taking ``count`` slots: the chart sizes
+    it to the cluster's GPUs (airflow.gpuPool), so no more stages start than there are GPUs.
+    null: Airflow's default pool."""
     gpu_type: str | None = None
     """The GPU model of the pool's nodes, a device of malt_ops/hardware.yaml (e.g. h100-80gb):
     plan checks that the model's weights fit its memory, and `malt-ops estimate` prices it."""

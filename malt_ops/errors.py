@@ -2,6 +2,9 @@
 
 import re
 
+CONFIG_ERROR_EXIT = 2
+"""What the CLI exits with on a MaltError: retrying the same command cannot help."""
+
 
 class MaltError(Exception):
     """An error caused by input or configuration; the CLI prints it as one line and exits 2."""

@@ -356,6 +356,20 @@ def registered_answers(recipe: Recipe, alias: str, questions: list[str]) -> list
         raise MaltError(exc.message) from None
 
 
+def check_champion(recipe: Recipe) -> dict[str, Any]:
+    """Load ``<prefix>-system@champion`` and ask it promotion.check_question: a champion that
+    does not load, or answers without every turn of its chain, fails the check."""
+    question = recipe.promotion.check_question
+    (row,) = registered_answers(recipe, "champion", [question])
+    missing = [role for role in ROLES if not str(row.get(role) or "").strip()]
+    if missing:
+        raise MaltError(
+            f"the champion answered {question!r} without a {', '.join(missing)} turn: check "
+            "its adapters"
+        )
+    return row
+
+
 def run_answers(recipe: Recipe, run_id: str, questions: list[str]) -> list[dict[str, Any]]:
     """The rows of a run's own trained adapters (``--run-id``), without the registry."""
     from malt_ops.stages.common import trained_adapter

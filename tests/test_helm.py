@@ -10,6 +10,7 @@ No cluster is needed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -330,6 +331,29 @@ def test_kubernetes_configmap_carries_the_gpu_pool_values():
     assert local.gpu.node_selector == {} and local.gpu.tolerations == []
 
 
+def test_the_gpu_pool_is_sized_by_the_chart_and_imported_by_the_scheduler():
+    docs = render("default", "airflow.gpuPool.slots=16")
+    for config_map in find(docs, "ConfigMap", "malt-ops-kubernetes"):
+        pools = json.loads(config_map["data"]["pools.json"])
+        config = KubernetesConfig.model_validate(
+            yaml.safe_load(config_map["data"]["kubernetes.yaml"])
+        )
+        assert pools == {
+            config.gpu.pool: {
+                "slots": 16,
+                "description": "GPU stages of the malt-ops DAG (slots = GPUs)",
+                "include_deferred": True,
+            }
+        }
+    airflow = yaml.safe_load(AIRFLOW_VALUES.read_text())
+    (init,) = airflow["scheduler"]["extraInitContainers"]
+    assert init["command"] == ["airflow", "pools", "import", "/etc/malt-ops/kubernetes/pools.json"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    volumes = {v["name"]: v["configMap"]["name"] for v in airflow["volumes"]}
+    assert volumes[next(iter(mounts))] == "malt-ops-kubernetes"
+    assert mounts == {"malt-ops-kubernetes": "/etc/malt-ops/kubernetes"}
+
+
 def test_kubernetes_configmap_follows_set_values():
     docs = render(
         "default",
@@ -363,8 +387,10 @@ def test_configmaps_render_once_when_airflow_shares_the_namespace():
 
 def test_recipes_configmap_holds_every_recipe_unchanged():
     assert (CHART / "recipes").is_symlink(), "helm/malt-ops/recipes must link to ../../recipes"
-    expected = {p.name: p.read_text() for p in sorted(RECIPES.glob("*.yaml"))}
-    assert expected
+    paths = [*sorted(RECIPES.glob("*.yaml")), *sorted(RECIPES.glob("paper/*.yaml"))]
+    expected = {p.name: p.read_text() for p in paths}
+    assert len(expected) == len(paths)  # no paper recipe shadows a top-level one
+    assert "gsm8k-llama-3.1-8b.yaml" in expected
     maps = find(render(), "ConfigMap", "malt-ops-recipes")
     assert {m["metadata"]["namespace"] for m in maps} == {NAMESPACE, "airflow"}
     for config_map in maps:

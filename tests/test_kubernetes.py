@@ -142,17 +142,31 @@ def pods(cluster):
 def test_every_stage_is_a_pod_operator_and_the_wiring_is_unchanged(cluster):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
+    from malt_ops.stage_pod import StagePodOperator
+
     dag = cluster.bag.dags["malt_retraining"]
     assert cluster.bag.import_errors == {}
     for stage in STAGE_KINDS:
         task = dag.get_task(stage)
         operator_class = getattr(task, "operator_class", type(task))
-        assert operator_class is KubernetesPodOperator, stage
+        assert operator_class is StagePodOperator, stage
+        assert issubclass(operator_class, KubernetesPodOperator)
     # Planning tasks stay in-process and light.
     assert {t.task_id for t in dag.tasks} - set(STAGE_KINDS) == {"plan", "shards", "roles"}
     chain = ["prepare", "sample", "label", "train", "evaluate", "register", "promote"]
     for upstream, downstream in itertools.pairwise(chain):
         assert downstream in dag.get_task(upstream).downstream_task_ids
+
+
+def test_gpu_stages_run_in_the_gpu_pool_one_slot_per_gpu(cluster):
+    dag = cluster.bag.dags["malt_retraining"]
+    for stage, kind in STAGE_KINDS.items():
+        task = dag.get_task(stage)
+        if kind in GPU_KINDS:
+            assert task.pool == "malt_ops_gpu", stage
+            assert task.pool_slots == CLUSTER_VALUES["gpu"]["count"], stage
+        else:
+            assert task.pool == "default_pool" and task.pool_slots == 1, stage
 
 
 def test_pod_image_arguments_and_resources_per_stage(pods):
