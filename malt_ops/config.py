@@ -407,6 +407,10 @@ class CriticTrainingConfig(RoleTrainingConfig):
 
 class TrainingConfig(_Section):
     seed: int = 0
+    checkpoint_steps: int = Field(default=0, ge=0)
+    """Save a checkpoint every this many optimizer steps, mirrored to the store: a rerun after
+    a kill (a preempted GPU node) resumes from the newest one, optimizer, scheduler, RNG
+    states and data position included. 0: no checkpoints (a rerun starts over)."""
     generator: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
     verifier: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig)
     refiner: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig)

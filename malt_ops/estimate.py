@@ -368,7 +368,8 @@ def estimate(
         f"answers {shares.output_share:.0%} of max_new_tokens, "
         f"{shares.positive_share:.0%} of nodes labelled correct, weights loaded at "
         f"{shares.load_gb_s:g} GB/s",
-        "prepare, label, register and promote run on CPU pods (minutes; not counted)",
+        "prepare, label and register run on CPU pods (minutes; not counted); promote reads "
+        "evaluate's cached results (a champion the cache lacks costs a third of evaluate more)",
     ]
     name = recipe_name or recipe.name
     return Estimate(name, device, gpus, shape and f"{shape.params_b:g}B", stages, assumptions)

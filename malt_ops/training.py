@@ -15,12 +15,14 @@ those rows from the same tokenization, for label's stats and the train stage.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from malt_ops.checkpoints import CheckpointMirror, mirror_callback
 from malt_ops.config import Recipe, RoleTrainingConfig
 from malt_ops.errors import MaltError
 
@@ -55,10 +57,16 @@ def _common_args(
     learning_rate: float,
     epochs: float,
     max_steps: int,
+    checkpoint_steps: int = 0,
 ) -> dict[str, Any]:
     import torch
 
+    saving: dict[str, Any] = {"save_strategy": "no"}
+    if checkpoint_steps > 0:
+        # the newest checkpoint is all a resume needs; the store keeps its mirror
+        saving = {"save_strategy": "steps", "save_steps": checkpoint_steps, "save_total_limit": 1}
     return {
+        **saving,
         "output_dir": str(out_dir / "checkpoints"),
         "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -67,7 +75,6 @@ def _common_args(
         "max_steps": max_steps,
         "max_length": cfg.max_length,
         "logging_steps": 1,
-        "save_strategy": "no",
         "report_to": "none",
         "seed": seed,
         "data_seed": seed,
@@ -177,6 +184,8 @@ def sft_trainer(
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
+    mirror: CheckpointMirror | None = None,
+    checkpoint_steps: int = 0,
 ) -> Any:
     """TRL's SFTTrainer with a fresh LoRA adapter, set up (dataset tokenized), not trained."""
     from datasets import Dataset
@@ -184,17 +193,26 @@ def sft_trainer(
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model, tokenizer = _load(model_dir, dtype)
-    args = SFTConfig(
-        **_common_args(cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps),
-        completion_only_loss=True,
+    common = _common_args(
+        cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps, checkpoint_steps
     )
+    args = SFTConfig(**common, completion_only_loss=True)
     return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(sft_rows(rows)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
+        callbacks=[mirror_callback(mirror, "sft")] if mirror else None,
     )
+
+
+def _train(trainer: Any, mirror: CheckpointMirror | None, phase: str, out_dir: Path) -> None:
+    """``trainer.train()``, resumed from the store's newest checkpoint of ``phase`` if any."""
+    found = mirror.download(phase, out_dir / f"resume-{phase}") if mirror else None
+    if found is not None:
+        log.info("train: resuming %s from its checkpoint at step %d", phase, found[1])
+    trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
 
 
 def train_sft(
@@ -204,12 +222,53 @@ def train_sft(
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
+    mirror: CheckpointMirror | None = None,
+    checkpoint_steps: int = 0,
 ) -> TrainResult:
-    trainer = sft_trainer(model_dir, rows, cfg, out_dir, seed, dtype)
-    trainer.train()
+    """SFT; with ``mirror``, it resumes a killed run from its checkpoint, and leaves the
+    finished adapter (and its loss history) in the store for a DPO phase that is killed."""
+    trainer = sft_trainer(model_dir, rows, cfg, out_dir, seed, dtype, mirror, checkpoint_steps)
+    _train(trainer, mirror, "sft", out_dir)
     adapter_dir = out_dir / "sft"
     trainer.model.save_pretrained(adapter_dir)
-    return TrainResult(adapter_dir, list(trainer.state.log_history), len(rows), trainer)
+    history = list(trainer.state.log_history)
+    if mirror is not None and trainer.is_world_process_zero():
+        (adapter_dir / HISTORY_FILE).write_text(json.dumps(history))
+        mirror.upload(SFT_ADAPTER, adapter_dir, trainer.state.global_step)
+        (adapter_dir / HISTORY_FILE).unlink()  # the history is the mirror's, not the adapter's
+    return TrainResult(adapter_dir, history, len(rows), trainer)
+
+
+HISTORY_FILE = "log_history.json"
+SFT_ADAPTER = "sft-adapter"
+"""The mirror phase holding SFT's finished adapter: a DPO phase killed later starts from it."""
+
+
+def finished_sft(
+    model_dir: Path,
+    rows: int,
+    mirror: CheckpointMirror,
+    out_dir: Path,
+    dtype: str = "float32",
+) -> TrainResult | None:
+    """SFT's finished adapter from the store, loaded trainable on the base model as DPO's
+    policy (what ``train_sft`` leaves in memory), or None when SFT never finished."""
+    found = mirror.download(SFT_ADAPTER, out_dir)
+    if found is None:
+        return None
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    adapter_dir, _ = found
+    model, tokenizer = _load(model_dir, dtype)
+    policy = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    history = json.loads((adapter_dir / HISTORY_FILE).read_text())
+    (adapter_dir / HISTORY_FILE).unlink()
+    log.info("train: SFT finished before the interruption; DPO starts from its adapter")
+    return TrainResult(
+        adapter_dir, history, rows, SimpleNamespace(model=policy, processing_class=tokenizer)
+    )
 
 
 def check_reference_adapter(model: Any, sft_adapter: Path) -> None:
@@ -258,6 +317,8 @@ def dpo_trainer(
     out_dir: Path,
     seed: int = 0,
     precompute: bool = False,
+    mirror: CheckpointMirror | None = None,
+    checkpoint_steps: int = 0,
 ) -> Any:
     """TRL's DPOTrainer continuing from ``policy``, a PEFT model whose ``default`` adapter is
     the SFT adapter; set up (``ref`` adapter added), not trained.
@@ -269,7 +330,13 @@ def dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     common = _common_args(
-        cfg, out_dir, seed, cfg.dpo_learning_rate, cfg.dpo_epochs, cfg.dpo_max_steps
+        cfg,
+        out_dir,
+        seed,
+        cfg.dpo_learning_rate,
+        cfg.dpo_epochs,
+        cfg.dpo_max_steps,
+        checkpoint_steps,
     )
     pairs_per_forward, accumulate = dpo_micro_batches(cfg.batch_size)
     common["per_device_train_batch_size"] = pairs_per_forward
@@ -282,6 +349,7 @@ def dpo_trainer(
         args=args,
         train_dataset=Dataset.from_list(dpo_rows(pairs)),
         processing_class=tokenizer,
+        callbacks=[mirror_callback(mirror, "dpo")] if mirror else None,
     )
 
 
@@ -307,6 +375,8 @@ def train_dpo(
     out_dir: Path,
     seed: int = 0,
     precompute: bool | None = None,
+    mirror: CheckpointMirror | None = None,
+    checkpoint_steps: int = 0,
 ) -> TrainResult:
     """DPO on the model ``train_sft`` left in memory, against its SFT adapter; no reload.
 
@@ -323,9 +393,11 @@ def train_dpo(
     gc.collect()
     if precompute is None:
         precompute = precompute_reference(cfg, len(pairs))
-    trainer = dpo_trainer(policy, tokenizer, pairs, cfg, out_dir, seed, precompute)
+    trainer = dpo_trainer(
+        policy, tokenizer, pairs, cfg, out_dir, seed, precompute, mirror, checkpoint_steps
+    )
     check_reference_adapter(trainer.model, sft.adapter_dir)
-    trainer.train()
+    _train(trainer, mirror, "dpo", out_dir)
     adapter_dir = out_dir / "dpo"
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     return TrainResult(adapter_dir, list(trainer.state.log_history), len(pairs), trainer)

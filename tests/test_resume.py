@@ -587,3 +587,104 @@ def test_register_and_promote_resume_after_dying_mid_way(recipe_file, monkeypatc
     assert decision["promoted"] and decision["champion_before"] is None
     assert decision["reference"].startswith("untrained base") and decision["challenger"] == versions
     assert not Path(recipe.storage.root, "runs/r/promote/pending").exists()
+
+
+# ----------------------------------------------- training killed between two checkpoints
+
+
+def _labeled_run(recipe, run_id: str) -> None:
+    """prepare as the recipe says, then label's datasets made by hand: eight worked answers
+    per role to fine-tune on, and four preference pairs for the verifier's DPO."""
+    from malt_ops.prompts import generator_messages
+
+    prepare.run(recipe, run_id)
+    problems = list(stage_output(recipe, run_id, "prepare").iter_jsonl("problems/train.jsonl"))
+    rows, pairs = [], []
+    for i in range(8):
+        problem = problems[i % len(problems)]
+        prompt = generator_messages(problem)
+        answer = problem["answer"]
+        good = {
+            "role": "assistant",
+            "content": f"Step {i}: the sum is {answer}.\nFinal answer: {answer}",
+        }
+        bad = {"role": "assistant", "content": f"Step {i}: I think it is 0.\nFinal answer: 0"}
+        rows.append({"messages": [*prompt, good], "question_id": problem["id"], "node_id": f"n{i}"})
+        if i < 4:
+            pairs.append({"prompt": prompt, "chosen": [good], "rejected": [bad]})
+    labeled = stage_output(recipe, run_id, "label")
+    for role in ("generator", "verifier"):
+        labeled.write_jsonl(f"datasets/{role}_sft.jsonl", rows)
+        labeled.write_jsonl(f"datasets/{role}_dpo.jsonl", pairs)
+    labeled.commit({})
+
+
+def _train_process(recipe_path: Path, run_id: str, role: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "malt_ops.cli",
+            "train",
+            "--recipe",
+            str(recipe_path),
+            "--run-id",
+            run_id,
+            "--role",
+            role,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@slow
+@pytest.mark.parametrize("role, phase", [("generator", "sft"), ("verifier", "dpo")])
+def test_training_killed_midway_resumes_to_the_same_weights(role, phase, recipe_file, tmp_path):
+    """A kill after a checkpoint loses at most checkpoint_steps steps: the rerun restores
+    the optimizer, scheduler, RNG states and data position from the store's checkpoint and
+    ends with the weights of an uninterrupted run, bit for bit (CPU, same threads)."""
+    steps = {"max_steps": 3, "dpo_max_steps": 3, "batch_size": 2, "max_length": 256}
+    path = recipe_file(
+        tracking={"enabled": False},
+        training={
+            **TRAIN,
+            "checkpoint_steps": 1,
+            role: {**TRAIN[role], **steps, "gradient_checkpointing": False},
+        },
+    )
+    recipe = load_recipe(path)
+    for run_id in ("straight", "killed"):
+        _labeled_run(recipe, run_id)
+    straight = _train_process(path, "straight", role)
+    assert straight.wait(timeout=900) == 0, straight.stdout.read()[-3000:]
+
+    killed = _train_process(path, "killed", role)
+    store = stage_output(recipe, "killed", "train", unit=role).store
+    prefix = "runs/killed/train/checkpoints/"
+    deadline = time.monotonic() + 900
+    marker = None
+    while time.monotonic() < deadline and killed.poll() is None:
+        found = [k for k in store.list(prefix) if k.endswith(f"/{phase}/latest.json")]
+        if found and role in found[0] and store.read_json(found[0])["step"] >= 1:
+            marker = found[0]
+            break
+        time.sleep(0.2)
+    assert marker is not None, (
+        f"no checkpoint before the run ended: {killed.communicate()[0][-3000:]}"
+    )
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    out = stage_output(recipe, "killed", "train", unit=role)
+    assert not out.done()
+
+    rerun = _train_process(path, "killed", role)
+    log = rerun.communicate(timeout=900)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    assert f"resuming {phase} from its checkpoint at step" in log, log[-3000:]
+    weights = f"adapters/{role}/adapter_model.safetensors"
+    reference = stage_output(recipe, "straight", "train", unit=role)
+    assert out.read_bytes(weights) == reference.read_bytes(weights)
+    assert not store.list(prefix)  # committed: the checkpoints are gone

@@ -7,6 +7,7 @@ the run goes on with that role untrained.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -14,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from malt_ops.checkpoints import CheckpointMirror, fingerprint
 from malt_ops.config import TRAINED, Recipe
 from malt_ops.errors import MaltError
 from malt_ops.stages.common import already_done, log, require_done, stage_output
+from malt_ops.storage import dumps_jsonl
 from malt_ops.tracking import log_stage, stage_artifacts
 
 STAGE = "train"
@@ -39,6 +42,28 @@ def _stable_adapter_config(path: Path) -> None:
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
     path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as PEFT writes it
+
+
+def checkpoint_mirror(
+    recipe: Recipe, out: Any, role: str, positives: list[dict], pairs: list[dict]
+) -> CheckpointMirror | None:
+    """Where this role's checkpoints live, keyed by everything the training depends on (its
+    settings, the model, the rows), or None when the recipe takes no checkpoints."""
+    if recipe.training.checkpoint_steps <= 0:
+        return None
+    from malt_ops.models import model_identity
+
+    key = fingerprint(
+        {
+            "role": role,
+            "training": getattr(recipe.training, role).model_dump(mode="json"),
+            "seed": recipe.training.seed,
+            "every": recipe.training.checkpoint_steps,
+            "model": model_identity(recipe.model),
+            "rows": hashlib.sha256(dumps_jsonl([*positives, *pairs])).hexdigest(),
+        }
+    )
+    return CheckpointMirror(out.store, out.shared_key(f"checkpoints/{role}-{key}"))
 
 
 def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
@@ -71,7 +96,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
 
     from malt_ops.models import load_tokenizer, resolve_model_dir
     from malt_ops.plots import loss_curves
-    from malt_ops.training import token_budget, train_dpo, train_sft
+    from malt_ops.training import finished_sft, token_budget, train_dpo, train_sft
 
     model_dir = resolve_model_dir(recipe.model)
     # label checks the budget where it has a tokenizer (not in the light image); this stage
@@ -97,17 +122,27 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
             )
     histories: dict[str, list] = {}
     started = time.perf_counter()
+    mirror = checkpoint_mirror(recipe, out, role, positives, pairs)
+    every = recipe.training.checkpoint_steps
     with tempfile.TemporaryDirectory(prefix=f"malt-train-{role}-") as scratch:
         scratch_dir = Path(scratch)
-        log.info("train %s: SFT on %d positives", role, len(positives))
-        result = train_sft(
-            model_dir,
-            positives,
-            cfg,
-            scratch_dir,
-            seed=recipe.training.seed,
-            dtype=recipe.model.dtype,
-        )
+        result = None
+        if mirror is not None and cfg.dpo and pairs:
+            result = finished_sft(
+                model_dir, len(positives), mirror, scratch_dir / "sft-resumed", recipe.model.dtype
+            )
+        if result is None:
+            log.info("train %s: SFT on %d positives", role, len(positives))
+            result = train_sft(
+                model_dir,
+                positives,
+                cfg,
+                scratch_dir,
+                seed=recipe.training.seed,
+                dtype=recipe.model.dtype,
+                mirror=mirror,
+                checkpoint_steps=every,
+            )
         histories["sft"] = result.history
         summary["phases"].append("sft")
         summary["sft_final_loss"] = _final_loss(result.history)
@@ -120,7 +155,15 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 cfg.beta,
             )
             # Continues from the SFT model in memory; the base model is not loaded again.
-            dpo = train_dpo(result, pairs, cfg, scratch_dir, seed=recipe.training.seed)
+            dpo = train_dpo(
+                result,
+                pairs,
+                cfg,
+                scratch_dir,
+                seed=recipe.training.seed,
+                mirror=mirror,
+                checkpoint_steps=every,
+            )
             histories["dpo"] = dpo.history
             summary["phases"].append("dpo")
             summary["dpo_final_loss"] = _final_loss(dpo.history)
@@ -160,6 +203,8 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
         for phase, history in histories.items()
     }
     out.commit(summary)
+    if mirror is not None:
+        mirror.clear()  # committed: the adapter is in the manifest, the checkpoints are spent
     log_stage(
         recipe, run_id, STAGE, role, metrics=summary, series=series, artifacts=stage_artifacts(out)
     )
