@@ -64,7 +64,40 @@ def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    return train.run(_recipe(args), validate_run_id(args.run_id), args.role)
+    recipe = _recipe(args)
+    run_id = validate_run_id(args.run_id)
+    from malt_ops import distributed
+
+    processes = recipe.training.processes
+    if processes > 1 and not distributed.launched():
+        return _launch_training(args, recipe, run_id, processes)
+    return train.run(recipe, run_id, args.role)
+
+
+def _launch_training(
+    args: argparse.Namespace, recipe: Recipe, run_id: str, processes: int
+) -> dict[str, Any]:
+    """Run this same `malt-ops train` in ``processes`` processes under torchrun."""
+    import subprocess
+
+    from malt_ops import distributed
+    from malt_ops.stages.common import stage_output
+
+    arguments = ["train", "--recipe", args.recipe, "--run-id", run_id, "--role", args.role]
+    arguments += [item for override in args.overrides for item in ("--set", override)]
+    arguments += ["--force"] if getattr(args, "force", False) else []
+    logging.getLogger("malt_ops").info(
+        "train %s: %d processes (%s) under torchrun", args.role, processes, recipe.training.strategy
+    )
+    done = subprocess.run(distributed.launcher_command(processes, arguments), check=False)
+    if done.returncode == RETRYABLE_EXIT:
+        raise RegistryUnavailable(f"train {args.role}: a service did not answer; retry")
+    if done.returncode != 0:
+        raise MaltError(
+            f"train {args.role}: the {processes} training processes failed (exit "
+            f"{done.returncode}); their log above says why"
+        )
+    return stage_output(recipe, run_id, "train", unit=args.role).manifest().get("summary", {})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -407,6 +407,15 @@ class CriticTrainingConfig(RoleTrainingConfig):
 
 class TrainingConfig(_Section):
     seed: int = 0
+    processes: int = Field(default=1, gt=0)
+    """Processes (one per GPU; gloo on CPU) that train a role together: `malt-ops train`
+    launches them with torchrun. A train pod in kubernetes mode launches one per GPU of the
+    pod (kubernetes.gpu.count): there, leave this 1 or set it to that count (plan refuses
+    any other).
+    training.<role>.batch_size stays the batch per optimizer step whatever the count."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model; fsdp: parameters sharded over the processes,
+    for a model that does not fit one GPU."""
     checkpoint_steps: int = Field(default=0, ge=0)
     """Save a checkpoint every this many optimizer steps, mirrored to the store: a rerun after
     a kill (a preempted GPU node) resumes from the newest one, optimizer, scheduler, RNG

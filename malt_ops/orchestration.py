@@ -125,15 +125,23 @@ def plan_run(context: dict[str, Any]) -> dict[str, Any]:
 def check_gpus(recipe: Recipe) -> None:
     """In kubernetes mode, a vLLM stage's pod must ask for exactly the GPUs its engine spans
     (tensor x pipeline parallel): fewer and vLLM fails at start-up on the node, more and they
-    sit idle. Checked once at plan time, before any pod is scheduled."""
+    sit idle; and training runs one process per GPU of its pod. Checked once at plan time,
+    before any pod is scheduled."""
     from malt_ops.execution import execution_mode
     from malt_ops.pods import kubernetes_config
 
-    if recipe.inference.backend != "vllm" or execution_mode() != "kubernetes":
+    if execution_mode() != "kubernetes":
+        return
+    count = kubernetes_config(recipe).gpu.count
+    if recipe.training.processes not in (1, count):
+        raise MaltError(
+            f"training.processes: {recipe.training.processes}, but each train pod launches one "
+            f"process per GPU, kubernetes.gpu.count = {count}: set it to {count} or leave it 1"
+        )
+    if recipe.inference.backend != "vllm":
         return
     engine = recipe.inference.vllm
     needed = engine.tensor_parallel_size * engine.pipeline_parallel_size
-    count = kubernetes_config(recipe).gpu.count
     if count != needed:
         raise MaltError(
             f"kubernetes.gpu.count: {count} GPU(s) per pod, but inference.vllm."

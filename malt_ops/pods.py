@@ -79,6 +79,20 @@ def kubernetes_config(recipe: Recipe, values_path: str | None = None) -> Kuberne
         raise MaltError(describe_validation_error(exc, f"kubernetes values {path}")) from None
 
 
+def stage_command(stage: str, config: KubernetesConfig) -> list[str]:
+    """The pod's command: ``malt-ops``; for train on several GPUs, torchrun starting one
+    ``malt-ops`` process per GPU (DDP or FSDP by training.strategy, gloo/NCCL by device)."""
+    if stage == "train" and config.gpu.count > 1:
+        return [
+            "torchrun",
+            "--standalone",
+            f"--nproc-per-node={config.gpu.count}",
+            "-m",
+            "malt_ops.cli",
+        ]
+    return ["malt-ops"]
+
+
 def stage_kind(stage: str) -> StageKind:
     try:
         return STAGE_KINDS[stage]
@@ -142,7 +156,7 @@ def pod_operator_kwargs(stage: str, config: KubernetesConfig) -> dict[str, Any]:
             k8s.V1LocalObjectReference(name=n) for n in config.image_pull_secrets
         ]
         or None,
-        "cmds": ["malt-ops"],
+        "cmds": stage_command(stage, config),
         "labels": {
             "app.kubernetes.io/name": "malt-ops",
             "app.kubernetes.io/component": stage,

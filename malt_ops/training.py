@@ -29,6 +29,15 @@ from malt_ops.errors import MaltError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """How a role trains beyond its own settings: checkpoints, and the multi-process strategy."""
+
+    mirror: CheckpointMirror | None = None
+    checkpoint_steps: int = 0
+    strategy: str = "ddp"
+
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -58,8 +67,11 @@ def _common_args(
     epochs: float,
     max_steps: int,
     checkpoint_steps: int = 0,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     import torch
+
+    from malt_ops.distributed import per_device_batch, world_size
 
     saving: dict[str, Any] = {"save_strategy": "no"}
     if checkpoint_steps > 0:
@@ -68,7 +80,7 @@ def _common_args(
     return {
         **saving,
         "output_dir": str(out_dir / "checkpoints"),
-        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_train_batch_size": per_device_batch(cfg.batch_size, "batch_size"),
         "gradient_accumulation_steps": cfg.grad_accum,
         "learning_rate": learning_rate,
         "num_train_epochs": epochs,
@@ -85,7 +97,13 @@ def _common_args(
         "lr_scheduler_type": "cosine",
         "warmup_steps": cfg.warmup_ratio,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        **(_fsdp_args() if strategy == "fsdp" and world_size() > 1 else {}),
     }
+
+
+def _fsdp_args() -> dict[str, Any]:
+    # parameters, gradients and optimizer state sharded; each decoder layer its own unit
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
 
 
 def lora_config(cfg: RoleTrainingConfig):
@@ -184,8 +202,7 @@ def sft_trainer(
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
-    mirror: CheckpointMirror | None = None,
-    checkpoint_steps: int = 0,
+    options: TrainOptions = TrainOptions(),
 ) -> Any:
     """TRL's SFTTrainer with a fresh LoRA adapter, set up (dataset tokenized), not trained."""
     from datasets import Dataset
@@ -194,7 +211,14 @@ def sft_trainer(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model, tokenizer = _load(model_dir, dtype)
     common = _common_args(
-        cfg, out_dir, seed, cfg.learning_rate, cfg.epochs, cfg.max_steps, checkpoint_steps
+        cfg,
+        out_dir,
+        seed,
+        cfg.learning_rate,
+        cfg.epochs,
+        cfg.max_steps,
+        options.checkpoint_steps,
+        options.strategy,
     )
     args = SFTConfig(**common, completion_only_loss=True)
     return SFTTrainer(
@@ -203,7 +227,7 @@ def sft_trainer(
         train_dataset=Dataset.from_list(sft_rows(rows)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[mirror_callback(mirror, "sft")] if mirror else None,
+        callbacks=[mirror_callback(options.mirror, "sft")] if options.mirror else None,
     )
 
 
@@ -213,6 +237,13 @@ def _train(trainer: Any, mirror: CheckpointMirror | None, phase: str, out_dir: P
     if found is not None:
         log.info("train: resuming %s from its checkpoint at step %d", phase, found[1])
     trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+    from malt_ops.distributed import weights_agree, world_size
+
+    if not weights_agree(trainer.model):
+        raise MaltError(
+            f"train: the {world_size()} training processes ended {phase} with different weights "
+            "(DDP out of step): nothing is saved; rerun the role"
+        )
 
 
 def train_sft(
@@ -222,13 +253,13 @@ def train_sft(
     out_dir: Path,
     seed: int = 0,
     dtype: str = "float32",
-    mirror: CheckpointMirror | None = None,
-    checkpoint_steps: int = 0,
+    options: TrainOptions = TrainOptions(),
 ) -> TrainResult:
-    """SFT; with ``mirror``, it resumes a killed run from its checkpoint, and leaves the
+    """SFT; with ``options.mirror``, it resumes a killed run from its checkpoint, and leaves the
     finished adapter (and its loss history) in the store for a DPO phase that is killed."""
-    trainer = sft_trainer(model_dir, rows, cfg, out_dir, seed, dtype, mirror, checkpoint_steps)
-    _train(trainer, mirror, "sft", out_dir)
+    trainer = sft_trainer(model_dir, rows, cfg, out_dir, seed, dtype, options)
+    _train(trainer, options.mirror, "sft", out_dir)
+    mirror = options.mirror
     adapter_dir = out_dir / "sft"
     trainer.model.save_pretrained(adapter_dir)
     history = list(trainer.state.log_history)
@@ -317,8 +348,7 @@ def dpo_trainer(
     out_dir: Path,
     seed: int = 0,
     precompute: bool = False,
-    mirror: CheckpointMirror | None = None,
-    checkpoint_steps: int = 0,
+    options: TrainOptions = TrainOptions(),
 ) -> Any:
     """TRL's DPOTrainer continuing from ``policy``, a PEFT model whose ``default`` adapter is
     the SFT adapter; set up (``ref`` adapter added), not trained.
@@ -336,9 +366,14 @@ def dpo_trainer(
         cfg.dpo_learning_rate,
         cfg.dpo_epochs,
         cfg.dpo_max_steps,
-        checkpoint_steps,
+        options.checkpoint_steps,
+        options.strategy,
     )
-    pairs_per_forward, accumulate = dpo_micro_batches(cfg.batch_size)
+    from malt_ops.distributed import per_device_batch
+
+    pairs_per_forward, accumulate = dpo_micro_batches(
+        per_device_batch(cfg.batch_size, "batch_size")
+    )
     common["per_device_train_batch_size"] = pairs_per_forward
     common["gradient_accumulation_steps"] = cfg.grad_accum * accumulate
     args = DPOConfig(**common, beta=cfg.beta, precompute_ref_log_probs=precompute)
@@ -349,7 +384,7 @@ def dpo_trainer(
         args=args,
         train_dataset=Dataset.from_list(dpo_rows(pairs)),
         processing_class=tokenizer,
-        callbacks=[mirror_callback(mirror, "dpo")] if mirror else None,
+        callbacks=[mirror_callback(options.mirror, "dpo")] if options.mirror else None,
     )
 
 
@@ -375,8 +410,7 @@ def train_dpo(
     out_dir: Path,
     seed: int = 0,
     precompute: bool | None = None,
-    mirror: CheckpointMirror | None = None,
-    checkpoint_steps: int = 0,
+    options: TrainOptions = TrainOptions(),
 ) -> TrainResult:
     """DPO on the model ``train_sft`` left in memory, against its SFT adapter; no reload.
 
@@ -393,11 +427,9 @@ def train_dpo(
     gc.collect()
     if precompute is None:
         precompute = precompute_reference(cfg, len(pairs))
-    trainer = dpo_trainer(
-        policy, tokenizer, pairs, cfg, out_dir, seed, precompute, mirror, checkpoint_steps
-    )
+    trainer = dpo_trainer(policy, tokenizer, pairs, cfg, out_dir, seed, precompute, options)
     check_reference_adapter(trainer.model, sft.adapter_dir)
-    _train(trainer, mirror, "dpo", out_dir)
+    _train(trainer, options.mirror, "dpo", out_dir)
     adapter_dir = out_dir / "dpo"
     trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])
     return TrainResult(adapter_dir, list(trainer.state.log_history), len(pairs), trainer)

@@ -179,7 +179,9 @@ def test_pod_image_arguments_and_resources_per_stage(pods):
             spec = pod["spec"]
             (container,) = spec["containers"]
             assert container["image"] == images[kind]
-            assert container["command"] == ["malt-ops"]
+            # two GPUs per pod: train runs one process per GPU under torchrun
+            launcher = ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "malt_ops.cli"]
+            assert container["command"] == (launcher if stage == "train" else ["malt-ops"])
             assert container["args"] == argv and argv[0] == stage
             assert argv[argv.index("--run-id") + 1] == "nightly-42"
             assert pod["metadata"]["namespace"] == "malt-jobs"
@@ -208,7 +210,7 @@ def test_overrides_stay_single_arguments_never_a_shell_string(pods):
     for rendered in pods.rendered.values():
         for pod in rendered:
             (container,) = pod["spec"]["containers"]
-            assert container["command"] == ["malt-ops"]
+            assert container["command"][-1] in ("malt-ops", "malt_ops.cli")
             assert all(isinstance(a, str) for a in container["args"])
 
 
@@ -316,6 +318,14 @@ def test_a_vllm_engine_wider_than_its_pod_is_refused_at_plan_time(cluster, monke
     # an engine that spans the pod's GPUs plans (kubernetes keys are fixed at DAG parse time)
     plan = plan_run(_context(["inference.backend=vllm", "inference.vllm.tensor_parallel_size=2"]))
     assert plan["run_id"] == "nightly-42"
+
+
+def test_training_processes_other_than_the_pods_gpus_are_refused_at_plan_time(cluster, monkeypatch):
+    _recipe_loads(monkeypatch)
+    with pytest.raises(MaltError) as refused:
+        plan_run(_context(["training.processes=3"]))
+    assert str(refused.value).startswith("training.processes: 3, but each train pod launches")
+    assert plan_run(_context(["training.processes=2"]))["run_id"] == "nightly-42"
 
 
 def test_a_model_that_does_not_fit_the_pools_gpus_is_refused_at_plan_time(

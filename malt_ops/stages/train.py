@@ -17,6 +17,7 @@ from typing import Any
 
 from malt_ops.checkpoints import CheckpointMirror, fingerprint
 from malt_ops.config import TRAINED, Recipe
+from malt_ops.distributed import barrier, is_main, per_device_batch, world_size
 from malt_ops.errors import MaltError
 from malt_ops.stages.common import already_done, log, require_done, stage_output
 from malt_ops.storage import dumps_jsonl
@@ -96,8 +97,9 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
 
     from malt_ops.models import load_tokenizer, resolve_model_dir
     from malt_ops.plots import loss_curves
-    from malt_ops.training import finished_sft, token_budget, train_dpo, train_sft
+    from malt_ops.training import TrainOptions, finished_sft, token_budget, train_dpo, train_sft
 
+    per_device_batch(cfg.batch_size, f"training.{role}.batch_size")  # before the model loads
     model_dir = resolve_model_dir(recipe.model)
     # label checks the budget where it has a tokenizer (not in the light image); this stage
     # always has one, so the role's rows are checked again here, before the model loads.
@@ -123,7 +125,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
     histories: dict[str, list] = {}
     started = time.perf_counter()
     mirror = checkpoint_mirror(recipe, out, role, positives, pairs)
-    every = recipe.training.checkpoint_steps
+    options = TrainOptions(mirror, recipe.training.checkpoint_steps, recipe.training.strategy)
     with tempfile.TemporaryDirectory(prefix=f"malt-train-{role}-") as scratch:
         scratch_dir = Path(scratch)
         result = None
@@ -140,8 +142,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 scratch_dir,
                 seed=recipe.training.seed,
                 dtype=recipe.model.dtype,
-                mirror=mirror,
-                checkpoint_steps=every,
+                options=options,
             )
         histories["sft"] = result.history
         summary["phases"].append("sft")
@@ -161,8 +162,7 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 cfg,
                 scratch_dir,
                 seed=recipe.training.seed,
-                mirror=mirror,
-                checkpoint_steps=every,
+                options=options,
             )
             histories["dpo"] = dpo.history
             summary["phases"].append("dpo")
@@ -190,19 +190,24 @@ def run(recipe: Recipe, run_id: str, role: str) -> dict[str, Any]:
                 indent=2,
             )
         )
+        summary["trained"] = True
+        summary["processes"] = world_size()
+        summary["wall_seconds"] = time.perf_counter() - started
+        if not is_main():
+            barrier()  # the main process writes and commits; wait for it, then stop
+            return summary
         # adapter_config.json last: evaluate and register take it as "the adapter is there".
         out.put_dir(f"adapters/{role}", final, last="adapter_config.json")
         plot = loss_curves(histories, f"{role} training loss", scratch_dir / f"{role}_loss.png")
         out.write_bytes(f"plots/{role}_loss.png", plot.read_bytes())
         shutil.rmtree(scratch_dir / "checkpoints", ignore_errors=True)
-    summary["trained"] = True
-    summary["wall_seconds"] = time.perf_counter() - started
     out.write_json(f"metrics/{role}.json", {**summary, "history": histories})
     series = {
         f"{phase}_loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
         for phase, history in histories.items()
     }
     out.commit(summary)
+    barrier()
     if mirror is not None:
         mirror.clear()  # committed: the adapter is in the manifest, the checkpoints are spent
     log_stage(
