@@ -11,7 +11,7 @@ Wiring only: planning lives in malt_ops.orchestration, tasks in malt_ops.executi
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, chain, task
 
 from malt_ops.execution import StageTasks, config_errors_fail_fast
 from malt_ops.orchestration import (
@@ -74,4 +74,5 @@ with DAG(
     evaluated = stages.single("evaluate", run["evaluate"])
     registered = stages.single("register", run["register"])
     promoted = stages.single("promote", run["promote"])
-    prepared >> sampled >> labeled >> trained >> evaluated >> registered >> promoted
+    # promotion.require_approval puts a person's approval between register and promote
+    chain(prepared, sampled, labeled, trained, evaluated, registered, *stages.approval(), promoted)

@@ -564,6 +564,11 @@ class PromotionConfig(_Section):
     """Promote only when challenger accuracy minus reference accuracy exceeds this."""
     require_significance: bool = True
     """False promotes on a positive effect alone (small demo runs, where no test can be significant)."""
+    require_approval: bool = False
+    """Insert Airflow 3's human-in-the-loop approval between register and promote: a person
+    approves (promote runs) or rejects (promote is skipped, the champion stays) in the
+    Airflow UI or through its REST API. Read when the DAG is parsed; needs a deployed
+    Airflow (`malt-ops run` has no one to ask and refuses it)."""
     check_question: str = "Calculate 12 + 30."
     """What the champion-check DAG (dags/malt_champion_check.py) asks each new champion: it
     must load from the registry and answer with every turn of the chain."""

@@ -126,6 +126,25 @@ class StageTasks:
                 options["on_success_callback"] = promotion_notifier(schedule.notify_conn_id)
         return options
 
+    def approval(self) -> list[Any]:
+        """The approval task before promote where promotion.require_approval, else none."""
+        if not self.recipe.promotion.require_approval:
+            return []
+        from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+        return [
+            ApprovalOperator(
+                task_id="approve_promotion",
+                subject="Promote the MALT challenger of run {{ params.run_id or run_id }}?",
+                body=(
+                    "Evaluate and register finished. Approve to let promote compare the "
+                    "challenger with the champion and move the champion alias if it wins; "
+                    "reject to keep the champion as it is."
+                ),
+                execution_timeout=timedelta(days=7),
+            )
+        ]
+
     def single(self, stage: str, arguments: Any) -> Any:
         """A task running one argument list (an XComArg from the plan)."""
         if self._kubernetes is None:

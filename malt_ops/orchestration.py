@@ -41,10 +41,18 @@ PARSE_TIME_SECTIONS = ("kubernetes", "schedule")
 override of them would be silently ignored, so it is refused."""
 
 
+PARSE_TIME_KEYS = ("promotion.require_approval",)
+"""Single keys the DAG file reads when parsed (they change its tasks)."""
+
+
 def refuse_parse_time_overrides(overrides: list[str]) -> None:
     for text in overrides:
         parts, _ = parse_override(text)
-        if parts[0] in PARSE_TIME_SECTIONS:
+        dotted = ".".join(parts)
+        if parts[0] in PARSE_TIME_SECTIONS or any(
+            dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")
+            for key in PARSE_TIME_KEYS
+        ):
             raise MaltError(
                 f"override '{text}': {'.'.join(parts)} is read when the DAG is parsed, not per "
                 f"run: set it in the DAG's recipe ({dag_recipe_path()}) or the Helm values"

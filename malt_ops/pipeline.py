@@ -89,6 +89,11 @@ def run_pipeline(
     from malt_ops.tracking import finish_pipeline, replay_queue
 
     refuse_parse_time_overrides(overrides)  # before Airflow starts, not at the plan task
+    if recipe.promotion.require_approval:
+        raise MaltError(
+            "promotion.require_approval: true waits for a person's approval in a deployed "
+            "Airflow (UI or REST API); `malt-ops run` has no one to ask: set it false here"
+        )
     os.environ[RECIPE_ENV] = str(Path(recipe_path).resolve())
     prepare_airflow_home(recipe.run.state_dir)
     dag = load_dag()

@@ -169,3 +169,35 @@ def test_a_stage_pod_that_exits_2_is_not_retried(exit_code, retried, monkeypatch
     assert isinstance(raised.value, AirflowFailException) is not retried
     if not retried:
         assert "configuration error" in str(raised.value)
+
+
+def test_require_approval_puts_a_human_between_register_and_promote(recipe_file, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    monkeypatch.setenv("MALT_OPS_RECIPE", str(recipe_file(promotion={"require_approval": True})))
+    dag = DagBag(dag_folder=str(DAGS)).dags["malt_retraining"]
+    gate = dag.get_task("approve_promotion")
+    assert isinstance(gate, ApprovalOperator)
+    assert gate.upstream_task_ids == {"register"}
+    assert dag.get_task("promote").upstream_task_ids >= {"approve_promotion"}
+    assert "register" not in dag.get_task("promote").upstream_task_ids
+
+
+def test_without_approval_register_leads_straight_to_promote(dagbag):
+    dag = dagbag.dags["malt_retraining"]
+    assert "approve_promotion" not in dag.task_ids
+    assert "register" in dag.get_task("promote").upstream_task_ids
+
+
+def test_approval_is_a_parse_time_key_and_malt_ops_run_refuses_it(recipe_file):
+    from malt_ops.errors import MaltError
+    from malt_ops.orchestration import refuse_parse_time_overrides
+    from malt_ops.pipeline import run_pipeline
+
+    with pytest.raises(MaltError, match="read when the DAG is parsed"):
+        refuse_parse_time_overrides(["promotion.require_approval=true"])
+    refuse_parse_time_overrides(["promotion.alpha=0.1"])
+    path = recipe_file(promotion={"require_approval": True})
+    with pytest.raises(MaltError, match="has no one to ask"):
+        run_pipeline(load_recipe(path), str(path), [], "approval")
