@@ -45,10 +45,16 @@ from tests.conftest import committed
 
 
 def slow(test):
-    """The kill tests: real CLI processes on SmolLM2 (`make test-slow`)."""
+    """Kill tests: real CLI processes on SmolLM2 (`make test-slow`)."""
     for mark in (pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(1500, method="signal")):
         test = mark(test)
     return test
+
+
+def tally(test):
+    """The kill tally: every stage killed twice, and `malt-ops run` once (about half an hour
+    on 2 cores): `make test-nightly`, not CI's `make test-slow`."""
+    return pytest.mark.nightly(slow(test))
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,7 +345,7 @@ def _copy_unit(source: Path, target: Path, stage: str, unit: str) -> None:
     shutil.copy2(source / stage / f"MANIFEST-{unit}.json", target / stage / f"MANIFEST-{unit}.json")
 
 
-@slow
+@tally
 @pytest.mark.parametrize("step", list(STEPS))
 def test_stage_survives_kills(harness, step):
     args, manifest = STEPS[step]
@@ -385,7 +391,7 @@ def test_stage_survives_kills(harness, step):
     row["survived"] = len(row["at"])
 
 
-@slow
+@tally
 def test_whole_run_killed_mid_way(harness):
     """`malt-ops run` (the DAG in-process) killed once mid-way, rerun: the reference's outputs."""
     h = harness
