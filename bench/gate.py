@@ -26,6 +26,7 @@ from scipy.stats import binom
 
 from malt_ops.config import PromotionConfig, load_recipe
 from malt_ops.data import load_splits
+from malt_ops.estimate import load_hardware
 from malt_ops.evaluation import subset_positions
 from malt_ops.significance import sign_flip_p_value
 from malt_ops.stages.promote import passes
@@ -60,10 +61,24 @@ def layout(name: str, pool: int, seeds: list[int], size: int) -> Layout:
     return Layout(name, list(seeds), min(size, pool), items)
 
 
+def test_pool(recipe) -> int:
+    """Test questions the recipe's evaluation draws from: its own splits where they are here
+    (packaged or local files), else the benchmark's documented test size (malt_ops/hardware.yaml)
+    for a cluster's S3 or hub split."""
+    data = recipe.data
+    remote = data.source == "hub" or any(
+        "://" in (path or "") for path in (data.train_path, data.test_path)
+    )
+    if not remote:
+        return len(load_splits(data).test)
+    size = load_hardware().benchmarks[data.benchmark].test
+    return min(size, data.test_size) if data.test_size else size
+
+
 def recipe_layout(name: str) -> tuple[Layout, PromotionConfig]:
     """A recipe's evaluation layout (its real test pool) and its gate, significance required."""
     recipe = load_recipe(RECIPES / f"{name}.yaml")
-    pool = len(load_splits(recipe.data).test)
+    pool = test_pool(recipe)
     ev = recipe.evaluation
     gate = recipe.promotion.model_copy(update={"require_significance": True})
     return layout(name, pool, ev.seeds, ev.subset_size), gate

@@ -39,7 +39,8 @@ def test_equal_systems_are_rarely_promoted(name):
 
 def test_systems_good_at_different_questions_are_rarely_promoted():
     """Equal accuracy on average, but each system right on different questions: on the
-    cluster layout (660 questions drawn ~3 times each) items of one question are correlated.
+    cluster layout (GSM8K's 1,319 test questions, 2,000 draws over 4 seeds) items of one
+    question are correlated.
     The old item-level McNemar promotes about 10% of such pairs (bench/gate.py); the bound is 6.5%."""
     where, cfg = gate.recipe_layout("cluster")
     assert where.questions < len(where.items)  # questions repeat across seeds

@@ -70,6 +70,11 @@ def cluster(tmp_path_factory):
     patch.setenv("MALT_OPS_RECIPE", str(LOCAL_RECIPE.parent / "cluster.yaml"))
     patch.setenv("MALT_OPS_KUBERNETES_VALUES", str(values))
     patch.setenv("KUBECONFIG", str(kubeconfig))
+    # the client reads KUBECONFIG once, when kubernetes.config is first imported (maybe by an
+    # earlier test module): point its default at this file too
+    import kubernetes.config.kube_config as kube_config
+
+    patch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
     from airflow.dag_processing.dagbag import DagBag
 
