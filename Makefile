@@ -36,8 +36,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
 
-# CI runs test-slow; test-nightly adds the kill tallies (every stage SIGKILLed twice and
-# rerun, about half an hour on 2 cores), too long for CI's 90 minutes beside the rest.
+# CI runs test-slow; test-nightly holds what CI's 90 minutes cannot: the kill tallies (every
+# stage SIGKILLed twice and rerun, about half an hour on 2 cores), approval through a real
+# deployment's REST API, the science driver and a third full DAG run.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow and not nightly" --durations=15
 

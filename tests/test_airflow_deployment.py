@@ -399,3 +399,93 @@ def test_dag_runs_to_success_under_a_real_deployment(deployment: Deployment, tmp
         f"DAG run {run_seconds:.0f} s, total {time.monotonic() - started:.0f} s; "
         f"registered: {registered.get('registered')} {registered.get('reason') or ''}"
     )
+
+
+def _serve_and_unpause(deployment: Deployment) -> None:
+    """Wait for the API, scheduler and DAG processor, log in, and unpause the DAG."""
+
+    def healthy():
+        body = deployment.http.get("/api/v2/monitor/health")
+        return body.status_code == 200 and all(
+            body.json()[part]["status"] == "healthy"
+            for part in ("metadatabase", "scheduler", "dag_processor")
+        )
+
+    deployment.wait_for("API healthy", START_SECONDS, healthy, ("api-server", "scheduler"))
+    deployment.login()
+
+    def parsed():
+        response = deployment.api("GET", f"/dags/{DAG_ID}")
+        return response.json() if response.status_code == 200 else None
+
+    deployment.wait_for(f"DAG {DAG_ID} parsed", PARSE_SECONDS, parsed, ("dag-processor",))
+    response = deployment.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200, response.text
+
+
+def _answer_approval(deployment: Deployment, run_id: str, option: str) -> None:
+    """Wait until the run asks for approval, then answer it through the REST API."""
+
+    def asking():
+        path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_promotion"
+        response = deployment.api("GET", path)
+        if response.status_code == 200 and response.json()["state"] == "failed":
+            pytest.fail(f"approve_promotion failed in {run_id}")
+        run = deployment.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
+        if run["state"] == "failed":
+            pytest.fail(f"DAG run {run_id} failed before its approval")
+        return response.status_code == 200 and response.json()["state"] == "deferred"
+
+    deployment.wait_for(f"{run_id} asking for approval", RUN_SECONDS, asking, ("scheduler",))
+    path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_promotion/-1/hitlDetails"
+    response = deployment.api("PATCH", path, json={"chosen_options": [option]})
+    assert response.status_code == 200, response.text
+
+    def finished():
+        state = deployment.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"]
+        assert state != "failed", f"DAG run {run_id} failed after its approval"
+        return state == "success"
+
+    deployment.wait_for(f"{run_id} finished", RUN_SECONDS, finished, ("scheduler",))
+
+
+@pytest.mark.nightly  # two full DAG runs under the deployment (about 6 minutes)
+def test_a_person_approves_one_promotion_and_rejects_another(tmp_path: Path, recipe_file):
+    from malt_ops.config import load_recipe
+    from malt_ops.registry import CHAMPION, alias_versions
+    from malt_ops.tracking import client_for
+
+    promotion = {"require_significance": False, "min_effect": -1, "require_approval": True}
+    recipe_path = recipe_file(**{**TINY_RECIPE, "promotion": promotion})
+    recipe = load_recipe(recipe_path)
+    port = _free_port()
+    deployment = Deployment(tmp_path, _airflow_env(tmp_path, recipe_path, port), port)
+    try:
+        deployment.run("db", "migrate")
+        deployment.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+        deployment.start("dag-processor", "dag-processor")
+        deployment.start("scheduler", "scheduler", "--skip-serve-logs")
+        _serve_and_unpause(deployment)
+        champions = {}
+        for run_id, option in (("approved", "Approve"), ("rejected", "Reject")):
+            response = deployment.api(
+                "POST",
+                f"/dags/{DAG_ID}/dagRuns",
+                json={"dag_run_id": run_id, "logical_date": None, "conf": {"run_id": run_id}},
+            )
+            assert response.status_code == 200, response.text
+            _answer_approval(deployment, run_id, option)
+            promote = deployment.api(
+                "GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/promote"
+            ).json()
+            champion = alias_versions(recipe, CHAMPION, client_for(recipe))
+            champions[run_id] = {role: v.version for role, v in (champion or {}).items()}
+            if option == "Approve":
+                assert promote["state"] == "success"
+                assert champion is not None  # the first champion: the approved run's set
+            else:  # rejected: promote never ran, the approved run's set is still champion
+                assert promote["state"] == "skipped"
+                assert not (tmp_path / "store" / "runs" / run_id / "promote").exists()
+        assert champions["rejected"] == champions["approved"]
+    finally:
+        deployment.stop()

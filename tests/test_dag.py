@@ -182,6 +182,7 @@ def test_new_training_data_also_triggers_a_cycle(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # a third DAG run beside test_run.py's and the deployment's: not in CI
 @pytest.mark.model
 def test_dag_test_with_airflows_own_run_id_reaches_evaluate(recipe_file, tmp_path):
     """No run_id param: the run id is Airflow's ``manual__<time with microseconds>+00:00``."""

@@ -137,6 +137,7 @@ def test_report_only_on_an_unevaluated_run_is_one_line(recipe_file, capsys):
 
 
 @pytest.mark.slow  # two `malt-ops run`s of the tiny cycle on the real model (minutes)
+@pytest.mark.nightly  # beyond CI's 90 minutes; test_run.py runs the DAG end to end in CI
 @pytest.mark.model
 def test_driver_runs_the_dag_and_a_test_run_reuses_the_validation_training(
     recipe_file, capsys, tmp_path
