@@ -141,7 +141,7 @@ class StageTasks:
                     "challenger with the champion and move the champion alias if it wins; "
                     "reject to keep the champion as it is."
                 ),
-                execution_timeout=timedelta(days=7),
+                response_timeout=timedelta(days=7),
             )
         ]
 
