@@ -266,14 +266,18 @@ def deployment(tmp_path: Path, recipe_file):
     port = _free_port()
     deployment = Deployment(tmp_path, _airflow_env(tmp_path, recipe, port), port)
     try:
-        deployment.run("db", "migrate")
-        deployment.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        deployment.start("dag-processor", "dag-processor")
-        # Task logs are read from the files here, so no log-serving process.
-        deployment.start("scheduler", "scheduler", "--skip-serve-logs")
+        _start(deployment, port)
         yield deployment
     finally:
         deployment.stop()
+
+
+def _start(deployment: Deployment, port: int) -> None:
+    deployment.run("db", "migrate")
+    deployment.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+    deployment.start("dag-processor", "dag-processor")
+    # Task logs are read from the files here, so no log-serving process.
+    deployment.start("scheduler", "scheduler", "--skip-serve-logs")
 
 
 def _task_log_tail(home: Path, ti: dict, lines: int = 40) -> str:
@@ -469,10 +473,7 @@ def test_a_person_approves_one_promotion_and_rejects_another(tmp_path: Path, rec
     port = _free_port()
     deployment = Deployment(tmp_path, _airflow_env(tmp_path, recipe_path, port), port)
     try:
-        deployment.run("db", "migrate")
-        deployment.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        deployment.start("dag-processor", "dag-processor")
-        deployment.start("scheduler", "scheduler", "--skip-serve-logs")
+        _start(deployment, port)
         _serve_and_unpause(deployment)
         champions = {}
         for run_id, option in (("approved", "Approve"), ("rejected", "Reject")):

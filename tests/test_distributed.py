@@ -18,19 +18,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 ROLE = "generator"
 
 
-def _train(path, run_id: str, processes: int) -> str:
+def _train(path, run_id: str, processes: int, expect: int = 0) -> subprocess.CompletedProcess:
+    arguments = ["train", "--recipe", str(path), "--run-id", run_id, "--role", ROLE]
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "malt_ops.cli",
-            "train",
-            "--recipe",
-            str(path),
-            "--run-id",
-            run_id,
-            "--role",
-            ROLE,
+            *arguments,
             "--set",
             f"training.processes={processes}",
         ],
@@ -38,8 +33,8 @@ def _train(path, run_id: str, processes: int) -> str:
         text=True,
         timeout=900,
     )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return done.stdout + done.stderr
+    assert done.returncode == expect, (done.stdout + done.stderr)[-3000:]
+    return done
 
 
 def test_two_processes_train_as_one_at_the_same_global_batch(recipe_file):
@@ -49,7 +44,8 @@ def test_two_processes_train_as_one_at_the_same_global_batch(recipe_file):
     for run_id in ("one", "two"):
         _labeled_run(recipe, run_id)
     _train(path, "one", 1)
-    log = _train(path, "two", 2)
+    done = _train(path, "two", 2)
+    log = done.stdout + done.stderr
     assert "2 processes (ddp) under torchrun" in log
 
     one, two = (stage_output(recipe, r, "train", unit=ROLE) for r in ("one", "two"))
@@ -92,26 +88,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(recipe_file):
     path = recipe_file(training={**TRAIN, ROLE: {**TRAIN[ROLE], "batch_size": 3}})
     recipe = load_recipe(path)
     _labeled_run(recipe, "odd")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "malt_ops.cli",
-            "train",
-            "--recipe",
-            str(path),
-            "--run-id",
-            "odd",
-            "--role",
-            ROLE,
-            "--set",
-            "training.processes=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 2
+    done = _train(path, "odd", 2, expect=2)
     assert (
         "training.generator.batch_size (3) must be a multiple of the 2 training processes"
         in done.stderr
