@@ -239,7 +239,7 @@ def _train_role(
     nodes = questions * _tree_sizes(recipe)[target]
     chain = _chain_tokens(recipe.sampling.max_new_tokens, shares, prompt)[target]
     length = min(cfg.max_length, chain["prompt"] + chain["generated"])
-    processes = getattr(recipe.training, "processes", 1)
+    processes = recipe.training.processes
     per_step = cfg.batch_size * cfg.grad_accum * processes
     examples = nodes * shares.positive_share * cfg.epochs
     if cfg.max_steps > 0:
@@ -330,7 +330,7 @@ def estimate(
 
     train = StageCost()
     role_seconds = []
-    processes = getattr(recipe.training, "processes", 1)
+    processes = recipe.training.processes
     for role in TRAINED:
         tokens, flops = _train_role(recipe, role, questions, shares, shape, bench.prompt_tokens)
         seconds = flops / (spec.bf16_tflops * 1e12 * processes * shares.train_compute)
