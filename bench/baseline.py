@@ -1,15 +1,13 @@
 """The hf decode path as issue 17 found it, kept only so that benches can run it beside today's.
 
-Two things changed since: the per-row sampler (Gumbel-max, one Exp(1) draw per vocabulary
-entry, replaced by ``malt_ops.backends.sampler.sample_rows``) and masked attention (repeat_kv,
-replaced by torch's enable_gqa through ``TRANSFORMERS_SDPA_FORCE_GQA``). The static scheduler
+What changed since in the decode step is the per-row sampler (Gumbel-max, one Exp(1) draw per
+vocabulary entry, replaced by ``malt_ops.backends.sampler.sample_rows``). The static scheduler
 is still in the backend (``scheduler="static"``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 
 def gumbel_rows(scores, generators):
@@ -24,18 +22,13 @@ def gumbel_rows(scores, generators):
 
 @contextlib.contextmanager
 def issue17_baseline():
-    """Inside: the Gumbel-max sampler and repeat_kv attention, as before issue 17."""
+    """Inside: the Gumbel-max sampler, as before issue 17."""
     import malt_ops.backends.continuous as continuous
     import malt_ops.backends.hf as hf
 
-    saved = hf.sample_rows, continuous.sample_rows, os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    saved = hf.sample_rows, continuous.sample_rows
     hf.sample_rows = continuous.sample_rows = gumbel_rows
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0"
     try:
         yield
     finally:
-        hf.sample_rows, continuous.sample_rows, switch = saved
-        if switch is None:
-            os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-        else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = switch
+        hf.sample_rows, continuous.sample_rows = saved

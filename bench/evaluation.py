@@ -1,5 +1,5 @@
 """Evaluation speed: the evaluate stage's chains as issue 17 found them (static hf path, Gumbel-max
-sampler, repeat_kv attention: bench/baseline.py), on the static path of today, and on the
+sampler: bench/baseline.py), on the static path of today, and on the
 continuous scheduler (now), side by side in one run on the same questions; vllm beside.
 Speed-ups are against the first row; trees are compared with today's static path, which samples
 with the same per-row sampler as the continuous one.

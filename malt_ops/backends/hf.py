@@ -16,7 +16,6 @@ is ours (``generation_config``): the model's generation_config.json contributes 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -51,14 +50,6 @@ class HFBackend(ModelBackend):
         self._tokenizer.padding_side = "left"
         self.model = load_model(model_dir, dtype)
         self.model.eval()
-        if self.model.device.type == "cpu" and self.model.dtype == torch.float32:
-            # transformers' sdpa attention copies every KV head once per query head of its
-            # group (repeat_kv) whenever a mask is passed, trusting torch's masked GQA only on
-            # XPU and MPS. On CPU in float32, torch's masked sdpa with enable_gqa makes a
-            # SmolLM2 decode step's forward 1.19x faster, logits within 6e-5
-            # (bench/decode_step.py); this variable is the library's own switch for it. Not in
-            # bfloat16: there it gained nothing and moved logits by 0.4.
-            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         self.batch_size = batch_size
         self.share_prompt_cache = share_prompt_cache
         """Encode each prompt once for its n samples (False: n copies, as generate() does).
