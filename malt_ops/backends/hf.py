@@ -7,8 +7,8 @@ KV cache repeated for its ``n`` samples (``share_prompt_cache``) instead of lett
 and left-padded, so each batch pads little.
 
 Sampling is reproducible per sample, not per batch: sample ``k`` of prompt ``i`` draws from its
-own ``torch.Generator`` seeded ``seeds[i] + k`` (``RowSampler``, ``sampler.sample_rows``), so it is the same
-whatever else is batched with it. generate() samples the whole batch from the one global RNG,
+own ``torch.Generator`` seeded ``seeds[i] + k`` (``RowSampler``, ``sampler.sample_rows``), so it
+is the same whatever else is batched with it. generate() samples the whole batch from the one global RNG,
 which is why it runs in greedy mode over our own warpers and sampler. Every generation setting
 is ours (``generation_config``): the model's generation_config.json contributes none.
 """

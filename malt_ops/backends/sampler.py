@@ -7,8 +7,8 @@ library's.
 
 Inverse-CDF sampling: one uniform per row and token, placed on the row's cumulative softmax.
 The Gumbel-max trick used before (one Exp(1) draw per vocabulary entry) samples the same
-distribution, but drawing 152k exponentials per row and token from a CPU generator cost
-124 ms of every 32-row decode step for Qwen2.5 (8 ms this way), a third of the step.
+distribution, but drawing 152k exponentials per row and token from a CPU generator took 92 ms
+of a 211 ms 32-row decode step for Qwen2.5, against 4 ms this way (bench/decode_step.py).
 """
 
 from __future__ import annotations
