@@ -23,7 +23,8 @@ from malt_ops.registry import CHAMPION, move_set
 from malt_ops.stages import register
 from malt_ops.stages.common import stage_output
 from malt_ops.storage import dumps_jsonl
-from tests.conftest import REPO, _free_port, random_lora, stop, wait_for_http
+from tests.conftest import _free_port, random_lora, stop, wait_for_http
+from tests.test_vllm_backend import VLLM_PYTHON
 
 pytestmark = pytest.mark.model
 
@@ -212,7 +213,6 @@ def test_mlflow_models_serve_answers_invocations_and_survives_bad_requests(champ
         log.close()
 
 
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 VLLM_PREDICT = """
 import json, sys
 import mlflow.pyfunc, pandas as pd
